@@ -1,0 +1,21 @@
+"""kvjax: LLM inference with a predefined KV-cache capacity.
+
+Every layer's cache has a fixed number of slots however long the context
+grows; a compression policy (kvjax.policies) decides what the slots hold.
+"""
+
+from kvjax import policies
+from kvjax.attend import attend
+from kvjax.attention import attention
+from kvjax.cache import KVCache, init_cache
+from kvjax.generate import GenerateOutput, generate
+from kvjax.policies.base import Policy, Step
+from kvjax.protocol import CacheSpec, CachedDecoder
+from kvjax.rope import Rope
+from kvjax.run import forward_chunk, make_step, prefill
+from kvjax.sampling import Sampler
+
+__all__ = [
+    "CacheSpec", "CachedDecoder", "GenerateOutput", "KVCache", "Policy", "Rope", "Sampler", "Step",
+    "attend", "attention", "forward_chunk", "generate", "init_cache", "make_step", "policies", "prefill",
+]

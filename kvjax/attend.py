@@ -1,0 +1,117 @@
+"""One layer's attention over its fixed-capacity cache, then the policy update.
+
+Models call `attend` from each attention layer with pre-RoPE queries and keys;
+it rotates them as the policy's position convention requires, attends over
+(cache + chunk), lets the policy score the candidates and keeps the best in
+place. The stacked cache goes in and comes out, so under `jax.jit` with the
+cache donated a decode step writes one slot per (row, KV head).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from kvjax import select
+from kvjax.attention import attention
+from kvjax.cache import EMPTY_POS, KVCache
+from kvjax.policies.base import Candidates, Policy, Step
+from kvjax.rope import Rope
+
+
+def _check_shapes(cache: KVCache, layer: int, q, k, v, step: Step) -> None:
+    b, s = step.positions.shape
+    if not 0 <= layer < cache.num_layers:
+        raise ValueError(f"layer={layer} is out of range for a cache of {cache.num_layers} layers")
+    want_kv = (b, s, cache.kv_heads, cache.head_dim)
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != want_kv:
+            raise ValueError(f"attend: {name} has shape {x.shape}, expected [batch, chunk, kv_heads, head_dim] = {want_kv}")
+    if q.ndim != 4 or q.shape[:2] != (b, s) or q.shape[3] != cache.head_dim or q.shape[2] % cache.kv_heads:
+        raise ValueError(
+            f"attend: q has shape {q.shape}, expected [batch={b}, chunk={s}, a multiple of "
+            f"kv_heads={cache.kv_heads}, head_dim={cache.head_dim}]"
+        )
+    if k.dtype != cache.k.dtype or v.dtype != cache.v.dtype:
+        raise TypeError(f"attend: k/v dtype {k.dtype}/{v.dtype} differs from the cache dtype {cache.k.dtype}")
+
+
+def attend(
+    cache: KVCache,
+    layer: int,
+    q: Float[Array, "B S Hq D"],
+    k: Float[Array, "B S H D"],
+    v: Float[Array, "B S H D"],
+    *,
+    policy: Policy,
+    step: Step,
+    rope: Rope,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[Float[Array, "B S Hq D"], KVCache]:
+    """Attend chunk queries to layer `layer` of the cache, then compress the chunk in.
+
+    Returns the attention output and the cache with that layer updated (the
+    caller advances `cache.seen` once all layers are done).
+    """
+    _check_shapes(cache, layer, q, k, v, step)
+    b, s, h, _ = k.shape
+    k_slots, v_slots = cache.k[layer], cache.v[layer]
+    pos, valid, score = cache.pos[layer], cache.valid[layer], cache.score[layer]
+
+    cache_rot_pos, chunk_pos = policy.key_positions(pos, valid, step)
+    q = rope(q, chunk_pos[:, :, None])
+    k_rot = rope(k, chunk_pos[:, :, None])
+    k_attend = k_slots if cache_rot_pos is None else rope(k_slots, cache_rot_pos)
+    k_store = k if policy.rotate_at_cache_position else k_rot
+
+    out, mass = attention(
+        q, k_attend, v_slots, valid, k_rot, v, step.new_valid,
+        scale=scale, softcap=softcap, stat_weights=policy.stat_weights(step), impl=step.impl,
+    )
+
+    # Candidates: the layer's slots, then the chunk's tokens, per KV head.
+    new_k = k_store.transpose(0, 2, 1, 3)  # [B, H, S, D]
+    new_v = v.transpose(0, 2, 1, 3)
+    new_pos = jnp.broadcast_to(step.positions[:, None, :], (b, h, s))
+    new_valid = jnp.broadcast_to(step.new_valid[:, None, :], (b, h, s))
+    c = cache.slots
+    cand = Candidates(
+        score=jnp.concatenate([score, jnp.zeros((b, h, s), score.dtype)], -1),
+        mass=mass,
+        pos=jnp.concatenate([pos, new_pos], -1),
+        valid=jnp.concatenate([valid, new_valid], -1),
+        k_new=new_k,
+        num_cache=c,
+        group=q.shape[2] // h,
+    )
+    new_score = policy.score(cand, step, layer).astype(jnp.float32)
+    rank = select.rank(new_score, cand.valid, policy.protected(cand.pos, cand.valid, step))
+    budget = policy.budget(layer, cache.num_layers)
+
+    if s == 1:  # decode: evict one candidate, write the new token over it in place
+        drop = select.evict_index(rank, cand.pos, cand.valid, c, budget)
+        target = jnp.where((drop < c) & step.new_valid, drop, c)  # c = out of range: no write
+        cache = cache.replace(
+            k=select.scatter_slot(cache.k, layer, target, new_k[:, :, 0]),
+            v=select.scatter_slot(cache.v, layer, target, new_v[:, :, 0]),
+            pos=select.scatter_slot(cache.pos, layer, target, new_pos[:, :, 0]),
+            valid=select.scatter_slot(cache.valid, layer, target, new_valid[:, :, 0]),
+            score=select.scatter_slot(
+                cache.score.at[layer].set(new_score[..., :c]), layer, target, new_score[..., c]
+            ),
+        )
+    else:  # prefill chunk: sort all candidates, gather the best into the layer
+        kept = select.select_chunk(
+            dict(
+                k=jnp.concatenate([k_slots, new_k], 2),
+                v=jnp.concatenate([v_slots, new_v], 2),
+                pos=cand.pos,
+                valid=cand.valid,
+                score=new_score,
+            ),
+            rank, c, budget,
+        )
+        kept["pos"] = jnp.where(kept["valid"], kept["pos"], EMPTY_POS)
+        cache = cache.replace(**{name: getattr(cache, name).at[layer].set(x) for name, x in kept.items()})
+    return out, cache

@@ -1,0 +1,65 @@
+"""PyramidKV (Cai et al., arXiv 2406.02069): SnapKV with budgets shrinking with depth.
+
+`capacity` is the average budget per layer (observation window included), the
+same as SnapKV's uniform budget. With beta (default 20, as the official code):
+    lo = capacity / beta,  hi = 2 * capacity - lo,
+    budget_l = round(hi - l * (hi - lo) / (L - 1)),
+so budgets fall linearly and average `capacity` (before rounding). As in
+kvpress, when lo < window the pyramid cannot hold the window in its top layer
+and the budgets fall back to uniform (with a warning). Buffers hold the
+largest budget; layer l keeps at most budget_l valid slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+from kvjax.policies.snapkv import SnapKV
+
+
+def pyramid_budgets(capacity: int, window: int, num_layers: int, beta: float) -> tuple[int, ...]:
+    """Per-layer budgets of the PyramidKV schedule (uniform if it cannot hold the window)."""
+    if num_layers == 1:
+        return (capacity,)
+    lo = capacity / beta
+    hi = 2 * capacity - lo
+    if lo < window:
+        warnings.warn(
+            f"pyramidkv: the top layer's budget capacity/beta = {lo:g} cannot hold the observation "
+            f"window ({window}); using uniform budgets of {capacity} (raise capacity to "
+            f"{int(window * beta)} or lower beta for a pyramid)",
+            stacklevel=3,
+        )
+        return (capacity,) * num_layers
+    step = (hi - lo) / (num_layers - 1)
+    return tuple(int(round(hi - layer * step)) for layer in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidKV(SnapKV):
+    num_layers: int = 0
+    beta: float = 20.0
+
+    name = "pyramidkv"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError("pyramidkv: pass num_layers=<the model's layer count> to spread the budget over layers")
+        if not self.beta >= 1:
+            raise ValueError(f"pyramidkv: beta must be >= 1, got {self.beta!r}")
+
+    @functools.cached_property
+    def budgets(self) -> tuple[int, ...]:
+        return pyramid_budgets(self.capacity, self.window, self.num_layers, self.beta)
+
+    @property
+    def slots(self) -> int:
+        return max(self.budgets)
+
+    def budget(self, layer: int, num_layers: int) -> int:
+        if num_layers != self.num_layers:
+            raise ValueError(f"pyramidkv was made for num_layers={self.num_layers}, the cache has {num_layers}")
+        return self.budgets[layer]

@@ -1,0 +1,28 @@
+"""TOVA, Token Omission Via Attention (Oren et al., arXiv 2401.06104).
+
+Score: the attention the current (last) query gives each token, averaged over
+all query heads of the layer; not accumulated. All KV heads of a layer keep
+the same tokens. Keeps: the last token (window=1, as kvpress) plus the best.
+With a prefill chunk the chunk's last query scores (exact for chunk size 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvjax.policies.base import Policy
+
+
+@dataclasses.dataclass(frozen=True)
+class TOVA(Policy):
+    window: int = 1
+
+    name = "tova"
+    stats = "last"
+
+    def score(self, cand, step, layer):
+        # mass is summed over the query heads of each KV group; summing over the
+        # KV heads covers every query head of the layer.
+        heads = cand.mass.shape[1]
+        mean = cand.mass.sum(axis=1, keepdims=True) / (heads * cand.group)
+        return mean.repeat(heads, axis=1)

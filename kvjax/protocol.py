@@ -1,0 +1,46 @@
+"""What kvjax needs from a model (kvjax never imports `models/`)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Float, Int
+
+from kvjax.cache import KVCache, init_cache
+from kvjax.policies.base import Policy, Step
+
+
+@struct.dataclass(frozen=True)
+class CacheSpec:
+    """Cache dimensions a model asks for."""
+
+    num_layers: int = struct.field(pytree_node=False)
+    kv_heads: int = struct.field(pytree_node=False)
+    head_dim: int = struct.field(pytree_node=False)
+    dtype: str = struct.field(pytree_node=False, default="float32")
+
+    def init(self, policy: Policy, batch: int) -> KVCache:
+        """An empty cache sized by the policy's static slot count."""
+        return init_cache(
+            slots=policy.slots, num_layers=self.num_layers, batch=batch,
+            kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=jnp.dtype(self.dtype),
+        )
+
+
+class CachedDecoder(Protocol):
+    """A decoder whose attention layers call `kvjax.attend` on their cache layer."""
+
+    vocab_size: int
+    hidden_size: int
+
+    def cache_spec(self) -> CacheSpec: ...
+
+    def __call__(
+        self, tokens: Int[Array, "B S"], cache: KVCache, policy: Policy, step: Step
+    ) -> tuple[Float[Array, "B S d"], KVCache]:
+        """Hidden states of a chunk; `step.positions` gives each token's position."""
+        ...
+
+    def logits(self, hidden: Float[Array, "*B d"]) -> Float[Array, "*B V"]: ...

@@ -1,0 +1,42 @@
+"""Rotary position embedding (Su et al., arXiv 2104.09864).
+
+kvjax applies RoPE itself (models hand it pre-RoPE queries and keys) because
+the position a key is rotated at is a policy decision: its original position
+(H2O, SnapKV, TOVA, ...) or its position inside the cache (StreamingLLM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Static RoPE settings.
+
+    theta: frequency base.
+    interleaved: rotate adjacent pairs (GPT-J / GGUF layout) instead of the two
+        halves of the head dimension (Hugging Face Llama layout).
+    """
+
+    theta: float = 10_000.0
+    interleaved: bool = False
+
+    def inv_freq(self, head_dim: int) -> Float[Array, " half"]:
+        return 1.0 / (self.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+    def __call__(self, x: Float[Array, "*lead D"], positions: Int[Array, "*lead"]) -> Float[Array, "*lead D"]:
+        """Rotate `x` at `positions` (same leading shape); computed in f32, returned in x.dtype."""
+        angles = positions[..., None].astype(jnp.float32) * self.inv_freq(x.shape[-1])
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        xf = x.astype(jnp.float32)
+        if self.interleaved:
+            a, b = xf[..., 0::2], xf[..., 1::2]
+            out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(x.shape)
+        else:
+            a, b = jnp.split(xf, 2, axis=-1)
+            out = jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+        return out.astype(x.dtype)

@@ -1,0 +1,68 @@
+"""Feed tokens to a cached decoder: one chunk, or a long input in fixed chunks.
+
+Long inputs are consumed with `lax.scan` over chunks of a static size, each
+attending to the cache and itself and then compressed into the cache, so peak
+memory is O(capacity + chunk) whatever the input length.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from kvjax.cache import KVCache
+from kvjax.policies.base import Policy, Step
+from kvjax.protocol import CachedDecoder
+
+
+def make_step(cache: KVCache, valid: Bool[Array, "B S"], key, *, prefill: bool, impl: str = "xla") -> Step:
+    """Positions continue from `cache.seen`; padding takes no position."""
+    positions = cache.seen[:, None] + jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
+    return Step(seen=cache.seen, positions=positions, new_valid=valid, key=key, prefill=prefill, impl=impl)
+
+
+def forward_chunk(
+    model: CachedDecoder, tokens: Int[Array, "B S"], valid: Bool[Array, "B S"], cache: KVCache,
+    policy: Policy, key, *, prefill: bool, impl: str = "xla",
+) -> tuple[Float[Array, "B S d"], KVCache]:
+    """Run one chunk through the model and advance `cache.seen`."""
+    step = make_step(cache, valid, key, prefill=prefill, impl=impl)
+    hidden, cache = model(tokens, cache, policy, step)
+    return hidden, cache.replace(seen=step.seen_after)
+
+
+def chunked(x: Array, chunk: int) -> Array:
+    """[B, T] -> [T // chunk, B, chunk] for `lax.scan`."""
+    b, t = x.shape[:2]
+    if t % chunk:
+        raise ValueError(f"length {t} is not a multiple of chunk_size={chunk}; pad it (see pad_to_chunks)")
+    return x.reshape(b, t // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+
+def pad_to_chunks(tokens: Array, valid: Array, chunk: int, pad_id: int = 0) -> tuple[Array, Array]:
+    """Right-pad to a multiple of `chunk` with invalid tokens (the length bucket)."""
+    extra = -tokens.shape[1] % chunk
+    tokens = jnp.pad(tokens, ((0, 0), (0, extra)), constant_values=pad_id)
+    return tokens, jnp.pad(valid, ((0, 0), (0, extra)))
+
+
+def prefill(
+    model: CachedDecoder, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], cache: KVCache,
+    policy: Policy, key, *, chunk_size: int, impl: str = "xla",
+) -> tuple[Float[Array, "B d"], KVCache]:
+    """Consume a prompt in chunks; return each row's last valid hidden state and the cache."""
+    keys = jax.random.split(key, tokens.shape[1] // chunk_size)
+
+    def body(carry, xs):
+        cache, last = carry
+        tok, val, k = xs
+        hidden, cache = forward_chunk(model, tok, val, cache, policy, k, prefill=True, impl=impl)
+        idx = chunk_size - 1 - jnp.argmax(val[:, ::-1], axis=-1)  # last valid index in the chunk
+        h = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+        last = jnp.where(val.any(-1)[:, None], h.astype(last.dtype), last)
+        return (cache, last), None
+
+    last0 = jnp.zeros((tokens.shape[0], model.hidden_size), jnp.float32)
+    (cache, last), _ = jax.lax.scan(body, (cache, last0), (chunked(tokens, chunk_size), chunked(valid, chunk_size), keys))
+    return last, cache

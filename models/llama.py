@@ -1,0 +1,158 @@
+"""Llama-family decoder in Flax NNX (RMSNorm, RoPE, GQA, SwiGLU).
+
+Every attention layer reads and updates its layer of a fixed-capacity
+`kvjax.KVCache` through `kvjax.attend`, so any policy runs on any input length.
+Parameter layout follows Hugging Face's `LlamaForCausalLM` (projections stored
+as [in, out] kernels) so checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+import kvjax
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Static model hyper-parameters (names follow Hugging Face's config.json)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rope_theta: float = 10_000.0
+    rope_interleaved: bool = False
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError("hidden_size must be divisible by num_heads when head_dim is not given")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @classmethod
+    def tiny(cls, **overrides) -> "LlamaConfig":
+        """A 2-layer GQA model for tests, demos and benchmarks."""
+        base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+        return cls(**{**base, **overrides})
+
+    @property
+    def rope(self) -> kvjax.Rope:
+        return kvjax.Rope(theta=self.rope_theta, interleaved=self.rope_interleaved)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * w, computed in f32 (Zhang & Sennrich, arXiv 1910.07467)."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _linear(cfg: LlamaConfig, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    dtype = jnp.dtype(cfg.dtype)
+    return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int, rngs: nnx.Rngs):
+        self.cfg, self.layer = cfg, layer
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = _linear(cfg, d, cfg.num_heads * hd, rngs)
+        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, rngs)
+        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, rngs)
+        self.o_proj = _linear(cfg, cfg.num_heads * hd, d, rngs)
+
+    def __call__(self, x, cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        out, cache = kvjax.attend(
+            cache, self.layer, q, k, v, policy=policy, step=step, rope=cfg.rope, scale=cfg.head_dim**-0.5
+        )
+        return self.o_proj(out.reshape(b, s, -1)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward (Shazeer, arXiv 2002.05202)."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
+        self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
+        self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, layer, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, cache, policy, step):
+        h, cache = self.self_attn(self.input_layernorm(x), cache, policy, step)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Llama(nnx.Module):
+    """Decoder-only Llama; implements `kvjax.CachedDecoder`."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = None if cfg.tie_embeddings else _linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cfg.hidden_size
+
+    def cache_spec(self) -> kvjax.CacheSpec:
+        return kvjax.CacheSpec(
+            num_layers=self.cfg.num_layers, kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim, dtype=self.cfg.dtype
+        )
+
+    def __call__(self, tokens: Int[Array, "B S"], cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
+        x = self.embed_tokens(tokens)
+        for block in self.layers:
+            x, cache = block(x, cache, policy, step)
+        return self.norm(x), cache
+
+    def logits(self, hidden: Float[Array, "*B d"]) -> Float[Array, "*B V"]:
+        hidden = hidden.astype(jnp.dtype(self.cfg.dtype))
+        if self.lm_head is None:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
