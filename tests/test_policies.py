@@ -1,0 +1,119 @@
+"""Every registered policy, one property matrix (a new policy is covered for free)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kvjax
+from tests.helpers import full_attention, random_qkv, run_layers
+
+
+def make_policy(name: str, capacity: int, layers: int = 1, rerotate: bool = False) -> kvjax.Policy:
+    """A policy of each kind whose protected tokens fit small capacities."""
+    options = {
+        "streaming_llm": dict(sinks=min(2, capacity - 1), rerotate=rerotate),
+        "window": dict(rerotate=rerotate),
+        "snapkv": dict(window=min(2, capacity), kernel=3),
+        "pyramidkv": dict(window=1, kernel=3, num_layers=layers, beta=2.0),
+    }.get(name, {})
+    return kvjax.policies.make(name, capacity=capacity, **options)
+
+
+POLICIES = kvjax.policies.names()
+
+
+T = 24  # one padded length (a multiple of every chunk size) so programs are reused
+
+
+def padded_batch(draw_lengths):
+    """Two rows with different real lengths and padding on both sides."""
+    t = T
+    valid = np.zeros((2, t), bool)
+    valid[0, : draw_lengths[0]] = True  # right padding
+    valid[1, t - draw_lengths[1] :] = True  # left padding
+    return t, valid
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@given(
+    capacity=st.integers(3, 10),
+    lengths=st.tuples(st.integers(1, T), st.integers(1, T)),
+    chunk=st.sampled_from([1, 3, 4]),
+    groups=st.sampled_from([(1, 1), (4, 2), (3, 1)]),
+    rerotate=st.booleans(),
+)
+def test_policy_invariants(name, capacity, lengths, chunk, groups, rerotate):
+    layers = 2
+    q_heads, kv_heads = groups
+    policy = make_policy(name, capacity if name != "full" else T, layers, rerotate)
+    t, valid = padded_batch(lengths)
+    q, k, v = random_qkv(capacity + 7 * t, layers=layers, batch=2, length=t, q_heads=q_heads, kv_heads=kv_heads)
+    args = (policy, q, k, v, jnp.asarray(valid), jax.random.key(3))
+    outs, cache, history = run_layers(*args, chunk=chunk)
+
+    # Deterministic for a fixed key.
+    outs2, cache2, _ = run_layers(*args, chunk=chunk)
+    np.testing.assert_array_equal(outs, outs2)
+    np.testing.assert_array_equal(cache.pos, cache2.pos)
+
+    seen = np.cumsum(valid.reshape(2, -1, chunk).sum(-1), axis=1).T  # [chunks, B]
+    budgets = np.array([policy.budget(layer, layers) for layer in range(layers)])
+    for c, snap in enumerate(jax.tree.map(np.asarray, [jax.tree.map(lambda x: x[i], history) for i in range(t // chunk)])):
+        n_valid = snap.valid.sum(-1)  # [L, B, H]
+        # Never more than the budget; nothing dropped while there is room.
+        np.testing.assert_array_equal(n_valid, np.broadcast_to(np.minimum(seen[c][None, :, None], budgets[:, None, None]), n_valid.shape))
+        for layer in range(layers):
+            for b in range(2):
+                for h in range(kv_heads):
+                    kept = set(snap.pos[layer, b, h][snap.valid[layer, b, h]].tolist())
+                    assert len(kept) == n_valid[layer, b, h], "a token occupies two slots"
+                    assert kept <= set(range(seen[c][b])), "a slot holds a position never seen"
+                    protected = set(range(min(policy.sinks, seen[c][b])))
+                    protected |= set(range(max(seen[c][b] - policy.window, 0), seen[c][b]))
+                    assert protected <= kept, f"protected tokens {sorted(protected - kept)} were evicted"
+
+    # Padding queries return zeros; real ones are finite.
+    out = np.asarray(outs)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out[:, ~valid], 0.0)
+
+    # Pure eviction: every kept slot is bit-identical to the token's own (k, v).
+    if policy.pure_eviction:
+        full = kvjax.policies.make("full", capacity=T)
+        _, ref, _ = run_layers(full, q, k, v, jnp.asarray(valid), jax.random.key(3), chunk=chunk)
+        ref = jax.tree.map(np.asarray, ref)
+        c = jax.tree.map(np.asarray, cache)
+        for layer in range(layers):
+            for b in range(2):
+                for h in range(kv_heads):
+                    by_pos_k = {p: ref.k[layer, b, h, s] for s, p in enumerate(ref.pos[layer, b, h]) if ref.valid[layer, b, h, s]}
+                    by_pos_v = {p: ref.v[layer, b, h, s] for s, p in enumerate(ref.pos[layer, b, h]) if ref.valid[layer, b, h, s]}
+                    for s in np.flatnonzero(c.valid[layer, b, h]):
+                        p = int(c.pos[layer, b, h, s])
+                        if policy.rotate_at_cache_position:  # stored before RoPE: the raw key
+                            row = np.flatnonzero(valid[b])[p]
+                            np.testing.assert_array_equal(c.k[layer, b, h, s], k[layer, b, row, h])
+                        else:
+                            np.testing.assert_array_equal(c.k[layer, b, h, s], by_pos_k[p])
+                        np.testing.assert_array_equal(c.v[layer, b, h, s], by_pos_v[p])
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@given(length=st.integers(2, 14), chunk=st.sampled_from([1, 2, 5]), rerotate=st.booleans())
+def test_capacity_at_least_length_is_full_attention(name, length, chunk, rerotate):
+    """Spec fact 1: with capacity >= tokens seen every policy is exact attention."""
+    t = -(-length // chunk) * chunk
+    valid = np.arange(t)[None] < length
+    policy = make_policy(name, 16, layers=1, rerotate=rerotate)
+    if name == "pyramidkv":  # its smallest layer budget must cover the sequence too
+        policy = kvjax.policies.make("pyramidkv", capacity=16, window=1, kernel=3, num_layers=1)
+    q, k, v = random_qkv(length * 31 + chunk, length=t, q_heads=4, kv_heads=2)
+    outs, cache, _ = run_layers(policy, q, k, v, jnp.asarray(valid), jax.random.key(0), chunk=chunk)
+    ref = full_attention(q[0, 0, :length], k[0, 0, :length], v[0, 0, :length])
+    np.testing.assert_allclose(np.asarray(outs[0, 0, :length]), ref, rtol=1e-4, atol=1e-5)
+    assert set(np.asarray(cache.pos[0, 0, 0])[np.asarray(cache.valid[0, 0, 0])]) == set(range(length))
