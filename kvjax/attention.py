@@ -13,13 +13,11 @@ per query) comes out of the same pass.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from beartype import beartype
+from jaxtyping import Array, Bool, Float, jaxtyped
 
-Impl = Literal["xla", "pallas", "auto"]
 IMPLS = ("xla", "pallas", "auto")
 
 
@@ -36,6 +34,7 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+@jaxtyped(typechecker=beartype)
 def attention(
     q: Float[Array, "B S Hq D"],
     k_cache: Float[Array, "B H C D"],
@@ -48,7 +47,7 @@ def attention(
     scale: float,
     softcap: float | None = None,
     stat_weights: Float[Array, "B S"] | None = None,
-    impl: Impl = "xla",
+    impl: str = "xla",
 ) -> tuple[Float[Array, "B S Hq D"], Float[Array, "B H N"] | None]:
     """Softmax attention of `q` over valid cache slots and causally over the chunk.
 
