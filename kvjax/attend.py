@@ -3,8 +3,8 @@
 Models call `attend` from each attention layer with pre-RoPE queries and keys;
 it rotates them as the policy's position convention requires, attends over
 (cache + chunk), lets the policy score the candidates and keeps the best in
-place. The stacked cache goes in and comes out, so under `jax.jit` with the
-cache donated a decode step writes one slot per (row, KV head).
+place. The cache goes in and comes out, so under `jax.jit` with the cache
+donated a decode step writes one slot per (row, KV head) in place.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from jaxtyping import Array, Float
 
 from kvjax import select
 from kvjax.attention import attention
-from kvjax.cache import EMPTY_POS, KVCache
+from kvjax.cache import EMPTY_POS, KVCache, LayerCache
 from kvjax.policies.base import Candidates, Policy, Step
 from kvjax.rope import Rope
 
@@ -32,8 +32,9 @@ def _check_shapes(cache: KVCache, layer: int, q, k, v, step: Step) -> None:
             f"attend: q has shape {q.shape}, expected [batch={b}, chunk={s}, a multiple of "
             f"kv_heads={cache.kv_heads}, head_dim={cache.head_dim}]"
         )
-    if k.dtype != cache.k.dtype or v.dtype != cache.v.dtype:
-        raise TypeError(f"attend: k/v dtype {k.dtype}/{v.dtype} differs from the cache dtype {cache.k.dtype}")
+    want = cache.layers[layer].k.dtype
+    if k.dtype != want or v.dtype != want:
+        raise TypeError(f"attend: k/v dtype {k.dtype}/{v.dtype} differs from the cache dtype {want}")
 
 
 def attend(
@@ -56,8 +57,8 @@ def attend(
     """
     _check_shapes(cache, layer, q, k, v, step)
     b, s, h, _ = k.shape
-    k_slots, v_slots = cache.k[layer], cache.v[layer]
-    pos, valid, score = cache.pos[layer], cache.valid[layer], cache.score[layer]
+    lc = cache.layers[layer]
+    k_slots, v_slots, pos, valid, score = lc.k, lc.v, lc.pos, lc.valid, lc.score
 
     cache_rot_pos, chunk_pos = policy.key_positions(pos, valid, step)
     q = rope(q, chunk_pos[:, :, None])
@@ -75,7 +76,7 @@ def attend(
     new_v = v.transpose(0, 2, 1, 3)
     new_pos = jnp.broadcast_to(step.positions[:, None, :], (b, h, s))
     new_valid = jnp.broadcast_to(step.new_valid[:, None, :], (b, h, s))
-    c = cache.slots
+    c = lc.slots
     cand = Candidates(
         score=jnp.concatenate([score, jnp.zeros((b, h, s), score.dtype)], -1),
         mass=mass,
@@ -87,19 +88,16 @@ def attend(
     )
     new_score = policy.score(cand, step, layer).astype(jnp.float32)
     rank = select.rank(new_score, cand.valid, policy.protected(cand.pos, cand.valid, step))
-    budget = policy.budget(layer, cache.num_layers)
 
     if s == 1:  # decode: evict one candidate, write the new token over it in place
-        drop = select.evict_index(rank, cand.pos, cand.valid, c, budget)
+        drop = select.evict_index(rank, cand.pos)
         target = jnp.where((drop < c) & step.new_valid, drop, c)  # c = out of range: no write
-        cache = cache.replace(
-            k=select.scatter_slot(cache.k, layer, target, new_k[:, :, 0]),
-            v=select.scatter_slot(cache.v, layer, target, new_v[:, :, 0]),
-            pos=select.scatter_slot(cache.pos, layer, target, new_pos[:, :, 0]),
-            valid=select.scatter_slot(cache.valid, layer, target, new_valid[:, :, 0]),
-            score=select.scatter_slot(
-                cache.score.at[layer].set(new_score[..., :c]), layer, target, new_score[..., c]
-            ),
+        lc = LayerCache(
+            k=select.write_slot(k_slots, target, new_k[:, :, 0]),
+            v=select.write_slot(v_slots, target, new_v[:, :, 0]),
+            pos=select.write_slot(pos, target, new_pos[:, :, 0]),
+            valid=select.write_slot(valid, target, new_valid[:, :, 0]),
+            score=select.write_slot(new_score[..., :c], target, new_score[..., c]),
         )
     else:  # prefill chunk: sort all candidates, gather the best into the layer
         kept = select.select_chunk(
@@ -110,8 +108,8 @@ def attend(
                 valid=cand.valid,
                 score=new_score,
             ),
-            rank, c, budget,
+            rank, c,
         )
         kept["pos"] = jnp.where(kept["valid"], kept["pos"], EMPTY_POS)
-        cache = cache.replace(**{name: getattr(cache, name).at[layer].set(x) for name, x in kept.items()})
-    return out, cache
+        lc = LayerCache(**kept)
+    return out, cache.replace_layer(layer, lc)

@@ -63,16 +63,19 @@ def attention(
     h = k_cache.shape[1]
     if hq % h:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
-    qg = q.reshape(b, s, h, hq // h, d)
+    g = hq // h
+    # [B, H, G*S, D]: per KV head a plain matmul against the cache, no transposes of K or V.
+    qh = q.reshape(b, s, h, g, d).transpose(0, 2, 3, 1, 4).reshape(b, h, g * s, d)
     f32 = jnp.float32
-    logits_c = jnp.einsum("bshgd,bhcd->bhgsc", qg, k_cache, preferred_element_type=f32)
-    logits_n = jnp.einsum("bshgd,bthd->bhgst", qg, k_new, preferred_element_type=f32)
-    logits = jnp.concatenate([logits_c, logits_n], axis=-1) * scale
+    logits_c = jnp.einsum("bhqd,bhcd->bhqc", qh, k_cache, preferred_element_type=f32)
+    logits_n = jnp.einsum("bhqd,bthd->bhqt", qh, k_new, preferred_element_type=f32)
+    logits = jnp.concatenate([logits_c, logits_n], axis=-1).reshape(b, h, g, s, -1) * scale
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
+    c = k_cache.shape[2]
     causal = jnp.tril(jnp.ones((s, s), bool))[None] & new_valid[:, None, :]  # [B, S(q), S(k)]
     mask = jnp.concatenate(
-        [jnp.broadcast_to(cache_valid[:, :, None, None, :], logits_c.shape), jnp.broadcast_to(causal[:, None, None], logits_n.shape)],
+        [jnp.broadcast_to(cache_valid[:, :, None, None, :], (b, h, g, s, c)), jnp.broadcast_to(causal[:, None, None], (b, h, g, s, s))],
         axis=-1,
     )
     mask &= new_valid[:, None, None, :, None]
@@ -82,10 +85,10 @@ def attention(
     p = jnp.where(mask, jnp.exp(logits - m), 0.0)
     denom = p.sum(-1, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
-    c = k_cache.shape[2]
-    out = jnp.einsum("bhgsc,bhcd->bshgd", p[..., :c].astype(v_cache.dtype), v_cache, preferred_element_type=f32)
-    out += jnp.einsum("bhgst,bthd->bshgd", p[..., c:].astype(v_new.dtype), v_new, preferred_element_type=f32)
-    out = out.reshape(b, s, hq, d).astype(q.dtype)
+    ph = p.reshape(b, h, g * s, c + s)
+    out = jnp.einsum("bhqc,bhcd->bhqd", ph[..., :c].astype(v_cache.dtype), v_cache, preferred_element_type=f32)
+    out += jnp.einsum("bhqt,bthd->bhqd", ph[..., c:].astype(v_new.dtype), v_new, preferred_element_type=f32)
+    out = out.reshape(b, h, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, hq, d).astype(q.dtype)
     mass = None
     if stat_weights is not None:
         mass = jnp.einsum("bhgsn,bs->bhn", p, stat_weights.astype(f32))

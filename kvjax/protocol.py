@@ -22,9 +22,9 @@ class CacheSpec:
     dtype: str = struct.field(pytree_node=False, default="float32")
 
     def init(self, policy: Policy, batch: int) -> KVCache:
-        """An empty cache sized by the policy's static slot count."""
+        """An empty cache sized by the policy's static slot counts."""
         return init_cache(
-            slots=policy.slots, num_layers=self.num_layers, batch=batch,
+            slots=policy.layer_slots(self.num_layers), num_layers=self.num_layers, batch=batch,
             kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=jnp.dtype(self.dtype),
         )
 

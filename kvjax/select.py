@@ -5,9 +5,9 @@ and among equal ranks the oldest token. Two paths give the same kept set:
 
 - `select_chunk` (prefill chunks): sort the cache slots and the chunk's tokens
   together and gather the best `slots` of them into a fresh layer.
-- `replace_one` (one new token): evict the single lowest candidate and write
-  the new token over it with an in-place scatter, so a decode step touches one
-  slot instead of rewriting the cache.
+- `evict_index` + `write_slot` (one new token): evict the single lowest
+  candidate and write the new token over it with an in-place scatter, so a
+  decode step touches one slot instead of rewriting the cache.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ def rank(
     return jnp.where(valid, r, -jnp.inf)
 
 
-def select_chunk(
-    fields: dict[str, Array], rank_: Float[Array, "B H N"], slots: int, budget
-) -> dict[str, Array]:
-    """Keep the `slots` best of N candidates; only the best `budget` stay valid.
+def select_chunk(fields: dict[str, Array], rank_: Float[Array, "B H N"], slots: int) -> dict[str, Array]:
+    """Keep the `slots` best of N candidates.
 
     `fields` maps names to candidate arrays [B, H, N, ...] (must include
     'pos' and 'valid'). Returns the same names with N replaced by `slots`.
@@ -42,32 +40,17 @@ def select_chunk(
     for name, x in fields.items():
         idx = keep if x.ndim == keep.ndim else keep[..., None]
         out[name] = jnp.take_along_axis(x, idx, axis=2)
-    out["valid"] &= jnp.arange(slots) >= slots - budget
     return out
 
 
-def evict_index(
-    rank_: Float[Array, "B H N"], pos: Int[Array, "B H N"], valid: Bool[Array, "B H N"], num_cache: int, budget
-) -> Int[Array, "B H"]:
-    """Index of the candidate `select_chunk` would drop when one token arrives.
-
-    Empty cache slots are filled first while the layer is under its budget and
-    are unusable once it is at the budget.
-    """
-    n_valid = valid[..., :num_cache].sum(-1, keepdims=True)
-    is_cache = jnp.arange(rank_.shape[-1]) < num_cache
-    unusable = is_cache & ~valid & (n_valid >= budget)
-    r = jnp.where(unusable, jnp.inf, rank_)
-    p = jnp.where(unusable, INT_MAX, pos)
-    lowest = r == r.min(-1, keepdims=True)
-    return jnp.argmin(jnp.where(lowest, p, INT_MAX), axis=-1)
+def evict_index(rank_: Float[Array, "B H N"], pos: Int[Array, "B H N"]) -> Int[Array, "B H"]:
+    """Index of the candidate `select_chunk` would drop when one token arrives:
+    the lowest rank, the lowest position among ties (empty slots rank -inf)."""
+    lowest = rank_ == rank_.min(-1, keepdims=True)
+    return jnp.argmin(jnp.where(lowest, pos, INT_MAX), axis=-1)
 
 
-def scatter_slot(
-    x: Array, layer: int, target: Int[Array, "B H"], value: Array
-) -> Array:
-    """x[layer, b, h, target[b, h]] = value[b, h]; an out-of-range target writes nothing."""
+def write_slot(x: Array, target: Int[Array, "B H"], value: Array) -> Array:
+    """x[b, h, target[b, h]] = value[b, h]; an out-of-range target writes nothing."""
     b, h = target.shape
-    bi = jnp.arange(b)[:, None]
-    hi = jnp.arange(h)[None, :]
-    return x.at[layer, bi, hi, target].set(value, mode="drop")
+    return x.at[jnp.arange(b)[:, None], jnp.arange(h)[None, :], target].set(value, mode="drop")

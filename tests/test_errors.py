@@ -57,7 +57,7 @@ def test_policy_specific_options_are_checked():
     with pytest.raises(ValueError, match="kernel must be an odd"):
         kvjax.policies.make("snapkv", capacity=64, window=4, kernel=4)
     with pytest.raises(ValueError, match="made for num_layers=3"):
-        kvjax.policies.make("pyramidkv", capacity=64, window=2, num_layers=3).budget(0, 2)
+        kvjax.policies.make("pyramidkv", capacity=64, window=2, num_layers=3).layer_slots(2)
 
 
 def test_generate_rejects_bad_prompts(model):
@@ -120,13 +120,15 @@ def test_attend_checks_shapes_and_dtypes():
 
 def test_attention_checks_shapes_with_jaxtyping():
     cache, step, q, kv = _attend_inputs()
+    lc = cache.layers[0]
     with pytest.raises(TypeCheckError, match="k_new"):
-        kvjax.attention(q, cache.k[0], cache.v[0], cache.valid[0], jnp.zeros((1, 3, 2, 8)), kv, step.new_valid, scale=1.0)
+        kvjax.attention(q, lc.k, lc.v, lc.valid, jnp.zeros((1, 3, 2, 8)), kv, step.new_valid, scale=1.0)
 
 
 def test_attention_impl_switch():
     cache, step, q, kv = _attend_inputs()
-    args = (q, cache.k[0], cache.v[0], cache.valid[0], kv, kv, step.new_valid)
+    lc = cache.layers[0]
+    args = (q, lc.k, lc.v, lc.valid, kv, kv, step.new_valid)
     with pytest.raises(ValueError, match="impl must be one of"):
         kvjax.attention(*args, scale=1.0, impl="cuda")
     with pytest.raises(NotImplementedError, match="use impl='xla' or 'auto'"):

@@ -59,19 +59,23 @@ def test_policy_invariants(name, capacity, lengths, chunk, groups, rerotate):
     # Deterministic for a fixed key.
     outs2, cache2, _ = run_layers(*args, chunk=chunk)
     np.testing.assert_array_equal(outs, outs2)
-    np.testing.assert_array_equal(cache.pos, cache2.pos)
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(cache2)):
+        np.testing.assert_array_equal(a, b)
 
     seen = np.cumsum(valid.reshape(2, -1, chunk).sum(-1), axis=1).T  # [chunks, B]
-    budgets = np.array([policy.budget(layer, layers) for layer in range(layers)])
-    for c, snap in enumerate(jax.tree.map(np.asarray, [jax.tree.map(lambda x: x[i], history) for i in range(t // chunk)])):
-        n_valid = snap.valid.sum(-1)  # [L, B, H]
-        # Never more than the budget; nothing dropped while there is room.
-        np.testing.assert_array_equal(n_valid, np.broadcast_to(np.minimum(seen[c][None, :, None], budgets[:, None, None]), n_valid.shape))
+    slots = policy.layer_slots(layers)
+    assert cache.slots == slots
+    for c in range(t // chunk):
+        snap = jax.tree.map(lambda x: np.asarray(x[c]), history)
         for layer in range(layers):
+            lc = snap.layers[layer]
+            n_valid = lc.valid.sum(-1)  # [B, H]
+            # Never more than the layer's slots; nothing dropped while there is room.
+            np.testing.assert_array_equal(n_valid, np.broadcast_to(np.minimum(seen[c], slots[layer])[:, None], n_valid.shape))
             for b in range(2):
                 for h in range(kv_heads):
-                    kept = set(snap.pos[layer, b, h][snap.valid[layer, b, h]].tolist())
-                    assert len(kept) == n_valid[layer, b, h], "a token occupies two slots"
+                    kept = set(lc.pos[b, h][lc.valid[b, h]].tolist())
+                    assert len(kept) == n_valid[b, h], "a token occupies two slots"
                     assert kept <= set(range(seen[c][b])), "a slot holds a position never seen"
                     protected = set(range(min(policy.sinks, seen[c][b])))
                     protected |= set(range(max(seen[c][b] - policy.window, 0), seen[c][b]))
@@ -86,21 +90,20 @@ def test_policy_invariants(name, capacity, lengths, chunk, groups, rerotate):
     if policy.pure_eviction:
         full = kvjax.policies.make("full", capacity=T)
         _, ref, _ = run_layers(full, q, k, v, jnp.asarray(valid), jax.random.key(3), chunk=chunk)
-        ref = jax.tree.map(np.asarray, ref)
-        c = jax.tree.map(np.asarray, cache)
         for layer in range(layers):
+            r, c = (jax.tree.map(np.asarray, x.layers[layer]) for x in (ref, cache))
             for b in range(2):
                 for h in range(kv_heads):
-                    by_pos_k = {p: ref.k[layer, b, h, s] for s, p in enumerate(ref.pos[layer, b, h]) if ref.valid[layer, b, h, s]}
-                    by_pos_v = {p: ref.v[layer, b, h, s] for s, p in enumerate(ref.pos[layer, b, h]) if ref.valid[layer, b, h, s]}
-                    for s in np.flatnonzero(c.valid[layer, b, h]):
-                        p = int(c.pos[layer, b, h, s])
+                    by_pos_k = {p: r.k[b, h, s] for s, p in enumerate(r.pos[b, h]) if r.valid[b, h, s]}
+                    by_pos_v = {p: r.v[b, h, s] for s, p in enumerate(r.pos[b, h]) if r.valid[b, h, s]}
+                    for s in np.flatnonzero(c.valid[b, h]):
+                        p = int(c.pos[b, h, s])
                         if policy.rotate_at_cache_position:  # stored before RoPE: the raw key
                             row = np.flatnonzero(valid[b])[p]
-                            np.testing.assert_array_equal(c.k[layer, b, h, s], k[layer, b, row, h])
+                            np.testing.assert_array_equal(c.k[b, h, s], k[layer, b, row, h])
                         else:
-                            np.testing.assert_array_equal(c.k[layer, b, h, s], by_pos_k[p])
-                        np.testing.assert_array_equal(c.v[layer, b, h, s], by_pos_v[p])
+                            np.testing.assert_array_equal(c.k[b, h, s], by_pos_k[p])
+                        np.testing.assert_array_equal(c.v[b, h, s], by_pos_v[p])
 
 
 @pytest.mark.parametrize("name", POLICIES)
@@ -116,4 +119,5 @@ def test_capacity_at_least_length_is_full_attention(name, length, chunk, rerotat
     outs, cache, _ = run_layers(policy, q, k, v, jnp.asarray(valid), jax.random.key(0), chunk=chunk)
     ref = full_attention(q[0, 0, :length], k[0, 0, :length], v[0, 0, :length])
     np.testing.assert_allclose(np.asarray(outs[0, 0, :length]), ref, rtol=1e-4, atol=1e-5)
-    assert set(np.asarray(cache.pos[0, 0, 0])[np.asarray(cache.valid[0, 0, 0])]) == set(range(length))
+    lc = cache.layers[0]
+    assert set(np.asarray(lc.pos[0, 0])[np.asarray(lc.valid[0, 0])]) == set(range(length))

@@ -14,12 +14,14 @@ from tests.helpers import full_attention, np_rope, np_softmax, random_qkv, run_l
 
 
 def kept_sets(cache, layer=0, b=0):
-    pos, valid = np.asarray(cache.pos[layer, b]), np.asarray(cache.valid[layer, b])
+    lc = cache.layers[layer]
+    pos, valid = np.asarray(lc.pos[b]), np.asarray(lc.valid[b])
     return [sorted(p[v].tolist()) for p, v in zip(pos, valid)]
 
 
 def kept_scores(cache, layer=0, b=0):
-    pos, valid, score = (np.asarray(x[layer, b]) for x in (cache.pos, cache.valid, cache.score))
+    lc = cache.layers[layer]
+    pos, valid, score = (np.asarray(x[b]) for x in (lc.pos, lc.valid, lc.score))
     return [dict(zip(p[v].tolist(), s[v].tolist())) for p, v, s in zip(pos, valid, score)]
 
 
@@ -43,7 +45,7 @@ def test_h2o_scores_sum_to_queries_times_group():
     accumulated scores of a KV head sum to (queries processed) x (group size)."""
     q, k, v = random_qkv(2, length=12, q_heads=6, kv_heads=2)
     _, cache, _ = run(kvjax.policies.make("h2o", capacity=16), q, k, v, chunk=4)
-    np.testing.assert_allclose(np.asarray(cache.score[0, 0]).sum(-1), 12 * 3, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache.layers[0].score[0]).sum(-1), 12 * 3, rtol=1e-5)
 
 
 def test_h2o_without_heavy_hitters_is_a_sliding_window():
@@ -96,7 +98,7 @@ def test_pyramidkv_keeps_each_layers_budget():
     q, k, v = random_qkv(6, layers=layers, length=24)
     _, cache, _ = run(policy, q, k, v, chunk=8)
     assert np.asarray(cache.lengths())[:, 0, 0].tolist() == list(policy.budgets) == [12, 8, 4]
-    assert cache.slots == policy.slots == 12
+    assert cache.slots == policy.layer_slots(layers) == (12, 8, 4)  # memory follows the pyramid
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 12])

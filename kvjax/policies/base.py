@@ -4,7 +4,7 @@ A policy is a frozen dataclass of static settings. Once a chunk of tokens has
 been attended to, the cache slots and the chunk's tokens are the *candidates*
 for the layer's slots; the policy gives each candidate a score (what it keeps
 in `KVCache.score`) and the shared machinery in `kvjax.select` keeps the best
-`budget` of them, with the protected tokens (the first `sinks` and the last
+of them in the layer's slots, with the protected tokens (the first `sinks` and the last
 `window` tokens seen) always kept. So a method is its scoring and little else.
 
 Ties are broken towards evicting the older token, identically for a chunk and
@@ -110,14 +110,9 @@ class Policy:
     def protected_description(self) -> str:
         return f"sinks={self.sinks} + window={self.window}"
 
-    @property
-    def slots(self) -> int:
-        """Static buffer length of each layer's cache."""
-        return self.capacity
-
-    def budget(self, layer: int, num_layers: int) -> int:
-        """Valid slots allowed in `layer` (uniform unless a policy says otherwise)."""
-        return self.capacity
+    def layer_slots(self, num_layers: int) -> tuple[int, ...]:
+        """Static slot count of each layer's cache (uniform unless a policy says otherwise)."""
+        return (self.capacity,) * num_layers
 
     def stat_weights(self, step: Step) -> Float[Array, "B S"] | None:
         """Per-query weights of the attention mass the policy consumes, or None."""

@@ -6,8 +6,8 @@ same as SnapKV's uniform budget. With beta (default 20, as the official code):
     budget_l = round(hi - l * (hi - lo) / (L - 1)),
 so budgets fall linearly and average `capacity` (before rounding). As in
 kvpress, when lo < window the pyramid cannot hold the window in its top layer
-and the budgets fall back to uniform (with a warning). Buffers hold the
-largest budget; layer l keeps at most budget_l valid slots.
+and the budgets fall back to uniform (with a warning). Layer l's cache has
+budget_l slots, so the memory really follows the pyramid.
 """
 
 from __future__ import annotations
@@ -55,11 +55,7 @@ class PyramidKV(SnapKV):
     def budgets(self) -> tuple[int, ...]:
         return pyramid_budgets(self.capacity, self.window, self.num_layers, self.beta)
 
-    @property
-    def slots(self) -> int:
-        return max(self.budgets)
-
-    def budget(self, layer: int, num_layers: int) -> int:
+    def layer_slots(self, num_layers: int) -> tuple[int, ...]:
         if num_layers != self.num_layers:
-            raise ValueError(f"pyramidkv was made for num_layers={self.num_layers}, the cache has {num_layers}")
-        return self.budgets[layer]
+            raise ValueError(f"pyramidkv was made for num_layers={self.num_layers}, the model has {num_layers}")
+        return self.budgets
