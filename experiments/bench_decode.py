@@ -17,6 +17,7 @@ import functools
 import json
 import pathlib
 import platform
+import random
 import statistics
 import time
 
@@ -93,11 +94,15 @@ def main(argv=None):
         policy = kvjax.policies.make(name, capacity=capacity)
         rows.append(dict(policy=name, seen=seen, capacity=capacity, cache_bytes=model.cache_spec().init(policy, 1).nbytes))
         runners.append(decode_stepper(model, policy, seen))
-    # Round-robin over configurations so drift in machine load hits all alike.
+    # Rounds over all configurations in a fresh random order each, so drift in
+    # machine load and the memory traffic of a large neighbour hit all alike;
+    # each is timed on its second step so the previous one's cache misses don't count.
     times = [[] for _ in runners]
+    order = random.Random(0)
     for _ in tqdm(range(args.steps), desc="decode steps", unit="round"):
-        for t, run in zip(times, runners):
-            t.append(run())
+        for i in order.sample(range(len(runners)), len(runners)):
+            runners[i]()
+            times[i].append(runners[i]())
     for r, t in zip(rows, times):
         r["step_ms"] = 1e3 * statistics.median(t)
 

@@ -33,6 +33,7 @@ def test_unknown_option_is_named():
     "name, options, minimum",
     [
         ("streaming_llm", dict(sinks=4, window=8), 12),
+        ("streaming_llm", dict(sinks=6), 6),
         ("h2o", dict(window=10), 10),
         ("snapkv", dict(), 64),
         ("snapkv", dict(window=6, sinks=2), 8),

@@ -92,10 +92,10 @@ class Policy:
     rotate_at_cache_position: ClassVar[bool] = False  # keys stored before RoPE
 
     def __post_init__(self):
-        for field in ("capacity", "sinks", "window"):
+        for field, lowest in (("capacity", 1), ("sinks", 0), ("window", 0)):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (field == "capacity"):
-                raise ValueError(f"{self.name}: {field} must be an int >= {int(field == 'capacity')}, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                raise ValueError(f"{self.name}: {field} must be an int >= {lowest}, got {value!r}")
         if self.capacity < self.min_capacity:
             raise ValueError(
                 f"{self.name}: capacity={self.capacity} cannot hold the protected tokens "

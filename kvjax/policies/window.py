@@ -35,7 +35,7 @@ class StreamingLLM(Policy):
 
     def __post_init__(self):
         if self.window is None:
-            object.__setattr__(self, "window", self.capacity - self.sinks if isinstance(self.capacity, int) else 0)
+            object.__setattr__(self, "window", max(self.capacity - self.sinks, 0) if isinstance(self.capacity, int) else 0)
         super().__post_init__()
 
     @property
