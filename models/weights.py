@@ -1,0 +1,62 @@
+"""Put checkpoint tensors (Hugging Face names and layouts) into a Flax NNX Llama.
+
+Every loader (Hugging Face safetensors folder, GGUF file) produces a mapping
+from Hugging Face parameter names to arrays in Hugging Face layout ([out, in]
+for linear weights); `build` checks every name and shape and builds the model
+without a random initialisation pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.llama import Llama, LlamaConfig
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """Hugging Face name of an NNX parameter path, and whether it is a transposed linear."""
+    parts = [str(p) for p in path]
+    if parts == ["embed_tokens", "embedding"]:
+        return "model.embed_tokens.weight", False
+    if parts[0] == "lm_head":
+        return "lm_head.weight", True
+    if parts[0] == "norm":
+        return "model.norm.weight", False
+    # layers.<i>.<module>[.<sub>].(kernel|weight|bias)
+    *mods, leaf = parts[1:]
+    prefix = f"model.layers.{'.'.join(mods)}"
+    if leaf == "kernel":
+        return f"{prefix}.weight", True
+    return f"{prefix}.{leaf}", False
+
+
+def build(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], *, source: str) -> Llama:
+    """A `Llama` whose parameters are `tensors` (cast to `cfg.dtype`).
+
+    Raises ValueError naming `source` and the tensor when one is missing or has
+    the wrong shape; tensors the model does not use are reported too.
+    """
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    dtype = jnp.dtype(cfg.dtype)
+    used, leaves = set(), []
+    for path, var in flat:
+        name, transposed = hf_name(path)
+        if name not in tensors:
+            raise ValueError(f"{source}: tensor {name!r} is missing (needed for {'.'.join(map(str, path))})")
+        array = np.asarray(tensors[name])
+        array = array.T if transposed else array
+        want = tuple(var.get_value().shape)
+        if array.shape != want:
+            raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, the config needs {want}")
+        used.add(name)
+        leaves.append(var.replace(jnp.asarray(array, dtype)))
+    unused = sorted(set(tensors) - used - {"lm_head.weight"} if cfg.tie_embeddings else set(tensors) - used)
+    if unused:
+        raise ValueError(f"{source}: tensors not used by this architecture: {unused[:5]}{' ...' if len(unused) > 5 else ''}")
+    return nnx.merge(graphdef, nnx.from_flat_state([(p, leaf) for (p, _), leaf in zip(flat, leaves)]))
