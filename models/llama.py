@@ -32,6 +32,7 @@ class LlamaConfig:
     rope_theta: float = 10_000.0
     rope_interleaved: bool = False
     rms_norm_eps: float = 1e-5
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     tie_embeddings: bool = False
     dtype: str = "float32"
 
@@ -69,18 +70,18 @@ class RMSNorm(nnx.Module):
         return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def _linear(cfg: LlamaConfig, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(cfg: LlamaConfig, n_in: int, n_out: int, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
     dtype = jnp.dtype(cfg.dtype)
-    return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, layer: int, rngs: nnx.Rngs):
         self.cfg, self.layer = cfg, layer
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = _linear(cfg, d, cfg.num_heads * hd, rngs)
-        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, rngs)
-        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, rngs)
+        self.q_proj = _linear(cfg, d, cfg.num_heads * hd, rngs, cfg.attention_bias)
+        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, rngs, cfg.attention_bias)
+        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, rngs, cfg.attention_bias)
         self.o_proj = _linear(cfg, cfg.num_heads * hd, d, rngs)
 
     def __call__(self, x, cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):

