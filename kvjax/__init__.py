@@ -4,7 +4,7 @@ Every layer's cache has a fixed number of slots however long the context
 grows; a compression policy (kvjax.policies) decides what the slots hold.
 """
 
-from kvjax import policies
+from kvjax import evaluate, policies
 from kvjax.attend import attend
 from kvjax.attention import attention
 from kvjax.cache import KVCache, init_cache
@@ -17,5 +17,5 @@ from kvjax.sampling import Sampler
 
 __all__ = [
     "CacheSpec", "CachedDecoder", "GenerateOutput", "KVCache", "Policy", "Rope", "Sampler", "Step",
-    "attend", "attention", "forward_chunk", "generate", "init_cache", "make_step", "policies", "prefill",
+    "attend", "attention", "evaluate", "forward_chunk", "generate", "init_cache", "make_step", "policies", "prefill",
 ]

@@ -113,3 +113,42 @@ def load(source: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Llama, 
         return model, tok
     names = ", ".join(NAMED)
     raise FileNotFoundError(f"{source}: not a named model ({names}), a .gguf file or a Hugging Face folder")
+
+
+def save(model: Llama, directory: str | pathlib.Path) -> pathlib.Path:
+    """Save the model's parameters and config with Orbax (a new directory)."""
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    directory = pathlib.Path(directory).absolute()
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists; choose a new directory for the checkpoint")
+    _, state = nnx.split(model)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(directory / "params", nnx.to_pure_dict(state))
+    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2))
+    return directory
+
+
+def restore(directory: str | pathlib.Path) -> Llama:
+    """A model saved by `save`, restored exactly (dtype included)."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    directory = pathlib.Path(directory).absolute()
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json; not a checkpoint written by models.save")
+    cfg = LlamaConfig(**json.loads(config_path.read_text()))
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    target = nnx.to_pure_dict(state)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            params = ckpt.restore(directory / "params", target)
+    except Exception as err:
+        raise ValueError(f"could not restore {directory / 'params'} (corrupt, or saved for another config?): {err}") from err
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

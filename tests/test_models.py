@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import kvjax
+import models
 import models.checkpoints
 from experiments.texts import essay
 from kvjax.evaluate import perplexity
@@ -129,3 +130,31 @@ def test_missing_model_package_prints_the_pip_command(monkeypatch):
 def test_bad_dtype():
     with pytest.raises(ValueError, match="dtype must be"):
         load(FIXTURES / "llama", dtype="float16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_orbax_round_trip_is_exact(tmp_path, dtype):
+    import jax
+    from flax import nnx
+
+    model = models.Llama(models.LlamaConfig.tiny(dtype=dtype, attention_bias=True), rngs=nnx.Rngs(3))
+    models.save(model, tmp_path / "ckpt")
+    restored = models.restore(tmp_path / "ckpt")
+    assert restored.cfg == model.cfg
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(restored)), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileExistsError, match="choose a new directory"):
+        models.save(model, tmp_path / "ckpt")
+
+
+def test_restore_rejects_a_corrupt_checkpoint(tmp_path):
+    from flax import nnx
+
+    models.save(models.Llama(models.LlamaConfig.tiny(), rngs=nnx.Rngs(0)), tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "hidden_size": 96}))
+    with pytest.raises(ValueError, match="could not restore"):
+        models.restore(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        models.restore(tmp_path)

@@ -1,0 +1,81 @@
+"""Passkey retrieval: digits hidden at a chosen depth of real filler text, answered greedily.
+
+The filler is Paul Graham's essays; the needle states a random 5-digit pass key
+and the prompt ends by asking for it. A trial is correct when the greedy
+continuation contains the digits. Rows of one length run as one batch.
+
+    python -m experiments.passkey [--lengths 512 1024 2048] [--depths 0.1 0.5 0.9] [--policies full h2o ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+from tqdm import tqdm
+
+import kvjax
+from experiments.texts import essays_dir
+from models import load
+
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def passkey_prompt(tokenizer, filler: list[int], length: int, depth: float, key: str) -> list[int]:
+    """`length` tokens: filler with the needle at fraction `depth`, then the question."""
+    needle, question = tokenizer.encode(NEEDLE.format(key=key)), tokenizer.encode(QUESTION)
+    body = length - len(needle) - len(question)
+    if body < 1 or body > len(filler):
+        raise ValueError(f"length {length} leaves {body} filler tokens; the filler has {len(filler)}")
+    at = int(round(depth * body))
+    return filler[:at] + needle + filler[at:body] + question
+
+
+def run(model, tokenizer, policy_for, *, lengths, depths, trials: int, seed: int = 0) -> list[dict]:
+    """Accuracy per (length, depth); `policy_for(length)` gives the policy for a prompt length."""
+    rng = np.random.default_rng(seed)
+    filler = tokenizer.encode(" ".join(p.read_text() for p in sorted(essays_dir().glob("*.txt"))))
+    rows = []
+    for length in tqdm(lengths, desc="passkey lengths", unit="length"):
+        cases = [(d, str(rng.integers(10_000, 100_000))) for d in depths for _ in range(trials)]
+        prompts = np.asarray([passkey_prompt(tokenizer, filler, length, d, k) for d, k in cases])
+        out = kvjax.generate(model, prompts, policy=policy_for(length), max_new_tokens=8, chunk_size=256)
+        answers = [tokenizer.decode(t) for t in np.asarray(out.tokens)]
+        for depth in depths:
+            hits = [key in answer for (d, key), answer in zip(cases, answers) if d == depth]
+            rows.append(dict(length=length, depth=depth, accuracy=float(np.mean(hits)), trials=len(hits)))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--policies", nargs="+", default=["full"], choices=kvjax.policies.names())
+    parser.add_argument("--capacity", type=float, default=0.25, help="fraction of the prompt length (compressing policies)")
+    parser.add_argument("--out", default="results/passkey.json")
+    args = parser.parse_args(argv)
+    model, tokenizer = load(args.model)
+    results = {}
+    for name in args.policies:
+        def policy_for(length, name=name):
+            if name == "full":
+                return kvjax.policies.make("full", capacity=length + 8)
+            return kvjax.policies.make(name, capacity=max(int(args.capacity * length), 64))
+        results[name] = run(model, tokenizer, policy_for, lengths=args.lengths, depths=args.depths, trials=args.trials)
+        for r in results[name]:
+            print(f"{name:<14} length {r['length']:>5} depth {r['depth']:.1f}: {r['accuracy']:.0%} of {r['trials']}")
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(model=args.model, capacity_fraction=args.capacity, results=results), indent=2))
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
