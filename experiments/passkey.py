@@ -25,12 +25,15 @@ QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
 def passkey_prompt(tokenizer, filler: list[int], length: int, depth: float, key: str) -> list[int]:
-    """`length` tokens: filler with the needle at fraction `depth`, then the question."""
+    """`length` tokens: filler with the needle at fraction `depth` (moved to the next
+    sentence end, so it never splits a word), then the question."""
     needle, question = tokenizer.encode(NEEDLE.format(key=key)), tokenizer.encode(QUESTION)
     body = length - len(needle) - len(question)
     if body < 1 or body > len(filler):
         raise ValueError(f"length {length} leaves {body} filler tokens; the filler has {len(filler)}")
     at = int(round(depth * body))
+    while 0 < at < body and not tokenizer.decode(filler[at - 1 : at]).rstrip(" ").endswith((".", "\n")):
+        at += 1
     return filler[:at] + needle + filler[at:body] + question
 
 
@@ -40,12 +43,13 @@ def run(model, tokenizer, policy_for, *, lengths, depths, trials: int, seed: int
     filler = tokenizer.encode(" ".join(p.read_text() for p in sorted(essays_dir().glob("*.txt"))))
     rows = []
     for length in tqdm(lengths, desc="passkey lengths", unit="length"):
-        cases = [(d, str(rng.integers(10_000, 100_000))) for d in depths for _ in range(trials)]
-        prompts = np.asarray([passkey_prompt(tokenizer, filler, length, d, k) for d, k in cases])
+        # Each trial reads the filler from its own random offset and hides its own key.
+        cases = [(d, str(rng.integers(10_000, 100_000)), int(rng.integers(0, len(filler) - 2 * length))) for d in depths for _ in range(trials)]
+        prompts = np.asarray([passkey_prompt(tokenizer, filler[o:], length, d, k) for d, k, o in cases])
         out = kvjax.generate(model, prompts, policy=policy_for(length), max_new_tokens=8, chunk_size=256)
         answers = [tokenizer.decode(t) for t in np.asarray(out.tokens)]
         for depth in depths:
-            hits = [key in answer for (d, key), answer in zip(cases, answers) if d == depth]
+            hits = [key in answer for (d, key, _), answer in zip(cases, answers) if d == depth]
             rows.append(dict(length=length, depth=depth, accuracy=float(np.mean(hits)), trials=len(hits)))
     return rows
 

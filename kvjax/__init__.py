@@ -4,7 +4,7 @@ Every layer's cache has a fixed number of slots however long the context
 grows; a compression policy (kvjax.policies) decides what the slots hold.
 """
 
-from kvjax import evaluate, policies
+from kvjax import evaluate, policies, rope
 from kvjax.attend import attend
 from kvjax.attention import attention
 from kvjax.cache import KVCache, init_cache

@@ -14,19 +14,43 @@ from jaxtyping import Array, Float, Int
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3Scaling:
+    """Llama 3.1's frequency-dependent RoPE rescaling (rope_type "llama3").
+
+    Wavelengths longer than original_context / low_freq_factor are divided by
+    `factor`, shorter than original_context / high_freq_factor kept, and the
+    band between interpolated linearly in original_context / wavelength.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+    def __call__(self, inv_freq):
+        wavelen = 2 * jnp.pi / inv_freq
+        ratio = self.original_context / wavelen
+        smooth = jnp.clip((ratio - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor), 0.0, 1.0)
+        return (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+
+
+@dataclasses.dataclass(frozen=True)
 class Rope:
     """Static RoPE settings.
 
     theta: frequency base.
     interleaved: rotate adjacent pairs (GPT-J / GGUF layout) instead of the two
         halves of the head dimension (Hugging Face Llama layout).
+    scaling: optional frequency rescaling (Llama 3.1).
     """
 
     theta: float = 10_000.0
     interleaved: bool = False
+    scaling: Llama3Scaling | None = None
 
     def inv_freq(self, head_dim: int) -> Float[Array, " half"]:
-        return 1.0 / (self.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+        inv = 1.0 / (self.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+        return inv if self.scaling is None else self.scaling(inv)
 
     def __call__(self, x: Float[Array, "*lead D"], positions: Int[Array, "*lead"]) -> Float[Array, "*lead D"]:
         """Rotate `x` at `positions` (same leading shape); computed in f32, returned in x.dtype."""

@@ -14,6 +14,7 @@ import pathlib
 import numpy as np
 
 from models import gguf_file, tokenizer, weights
+from kvjax.rope import Llama3Scaling
 from models.llama import Llama, LlamaConfig
 
 NAMED = {
@@ -23,7 +24,7 @@ NAMED = {
     ),
 }
 
-HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def named_path(name: str) -> pathlib.Path:
@@ -44,9 +45,16 @@ def config_from_hf(config: dict, dtype: str, source) -> LlamaConfig:
     if not any(a in HF_ARCHITECTURES for a in archs):
         raise ValueError(f"{source}: architecture {archs} is not supported; supported: {HF_ARCHITECTURES}")
     rope = config.get("rope_parameters") or {}  # transformers 5 keeps rope settings here
-    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"{source}: rope scaling {scaling.get('rope_type', scaling.get('type'))!r} is not supported yet")
+    scaling = config.get("rope_scaling") or rope
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"{source}: rope scaling {kind!r} is not supported (supported: default, llama3)")
+    llama3 = None
+    if kind == "llama3":
+        llama3 = Llama3Scaling(
+            factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
+            high_freq_factor=scaling["high_freq_factor"], original_context=scaling["original_max_position_embeddings"],
+        )
     if config.get("sliding_window") and config.get("use_sliding_window", True) and "Mistral" in archs[0]:
         raise ValueError(f"{source}: Mistral sliding-window attention is not supported yet (set sliding_window to null)")
     return LlamaConfig(
@@ -60,6 +68,8 @@ def config_from_hf(config: dict, dtype: str, source) -> LlamaConfig:
         rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 10_000.0))),
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
         attention_bias="Qwen2ForCausalLM" in archs or config.get("attention_bias", False),
+        qk_norm="Qwen3ForCausalLM" in archs,
+        rope_scaling=llama3,
         tie_embeddings=config.get("tie_word_embeddings", False),
         dtype=dtype,
     )

@@ -1,5 +1,8 @@
 """Llama-family decoder in Flax NNX (RMSNorm, RoPE, GQA, SwiGLU).
 
+Family differences are configuration: q/k/v bias (Qwen2), per-head q/k RMSNorm
+(Qwen3), RoPE layout and Llama 3.1 frequency scaling.
+
 Every attention layer reads and updates its layer of a fixed-capacity
 `kvjax.KVCache` through `kvjax.attend`, so any policy runs on any input length.
 Parameter layout follows Hugging Face's `LlamaForCausalLM` (projections stored
@@ -33,10 +36,14 @@ class LlamaConfig:
     rope_interleaved: bool = False
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    rope_scaling: kvjax.rope.Llama3Scaling | None = None  # Llama 3.1
     tie_embeddings: bool = False
     dtype: str = "float32"
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # from a saved config.json
+            object.__setattr__(self, "rope_scaling", kvjax.rope.Llama3Scaling(**self.rope_scaling))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim is None:
@@ -54,7 +61,7 @@ class LlamaConfig:
 
     @property
     def rope(self) -> kvjax.Rope:
-        return kvjax.Rope(theta=self.rope_theta, interleaved=self.rope_interleaved)
+        return kvjax.Rope(theta=self.rope_theta, interleaved=self.rope_interleaved, scaling=self.rope_scaling)
 
 
 class RMSNorm(nnx.Module):
@@ -83,6 +90,9 @@ class Attention(nnx.Module):
         self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, rngs, cfg.attention_bias)
         self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, rngs, cfg.attention_bias)
         self.o_proj = _linear(cfg, cfg.num_heads * hd, d, rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
 
     def __call__(self, x, cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
         cfg = self.cfg
@@ -90,6 +100,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         out, cache = kvjax.attend(
             cache, self.layer, q, k, v, policy=policy, step=step, rope=cfg.rope, scale=cfg.head_dim**-0.5
         )

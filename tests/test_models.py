@@ -21,7 +21,7 @@ from tests.test_policies import POLICIES, make_policy
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "llama31", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("chunk", [8, 40])
 def test_hugging_face_logit_parity(family, chunk):
     """Logits of a tiny random HF model (made by fixtures/make_hf_fixtures.py) to 1e-4."""
@@ -137,7 +137,8 @@ def test_orbax_round_trip_is_exact(tmp_path, dtype):
     import jax
     from flax import nnx
 
-    model = models.Llama(models.LlamaConfig.tiny(dtype=dtype, attention_bias=True), rngs=nnx.Rngs(3))
+    cfg = models.LlamaConfig.tiny(dtype=dtype, attention_bias=True, qk_norm=True, rope_scaling=kvjax.rope.Llama3Scaling())
+    model = models.Llama(cfg, rngs=nnx.Rngs(3))
     models.save(model, tmp_path / "ckpt")
     restored = models.restore(tmp_path / "ckpt")
     assert restored.cfg == model.cfg
