@@ -55,6 +55,7 @@ def attend(
     Returns the attention output and the cache with that layer updated (the
     caller advances `cache.seen` once all layers are done).
     """
+    policy = policy.for_layer(layer)
     _check_shapes(cache, layer, q, k, v, step)
     b, s, h, _ = k.shape
     lc = cache.layers[layer]
@@ -69,6 +70,7 @@ def attend(
     out, mass = attention(
         q, k_attend, v_slots, valid, k_rot, v, step.new_valid,
         scale=scale, softcap=softcap, stat_weights=policy.stat_weights(step), impl=step.impl,
+        max_distance=policy.max_distance, cache_pos=pos, q_pos=step.positions,
     )
 
     # Candidates: the layer's slots, then the chunk's tokens, per KV head.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from beartype import beartype
-from jaxtyping import Array, Bool, Float, jaxtyped
+from jaxtyping import Array, Bool, Float, Int, jaxtyped
 
 IMPLS = ("xla", "pallas", "auto")
 
@@ -47,12 +47,17 @@ def attention(
     scale: float,
     softcap: float | None = None,
     stat_weights: Float[Array, "B S"] | None = None,
+    max_distance: int | None = None,
+    cache_pos: Int[Array, "B H C"] | None = None,
+    q_pos: Int[Array, "B S"] | None = None,
     impl: str = "xla",
 ) -> tuple[Float[Array, "B S Hq D"], Float[Array, "B H N"] | None]:
     """Softmax attention of `q` over valid cache slots and causally over the chunk.
 
     Query i of the chunk sees every valid cache slot and chunk keys j <= i that
-    are valid. Padding queries (`new_valid` False) return zeros.
+    are valid; with `max_distance` (a sliding window) only keys at most that
+    many positions back (positions from `cache_pos` and `q_pos`). Padding
+    queries (`new_valid` False) return zeros.
 
     Returns the output and, if `stat_weights` is given, the attention mass per
     key, `mass[b, h, n] = sum_{g, s} w[b, s] * p[b, h*G+g, s, n]`, over the
@@ -74,8 +79,12 @@ def attention(
         logits = softcap * jnp.tanh(logits / softcap)
     c = k_cache.shape[2]
     causal = jnp.tril(jnp.ones((s, s), bool))[None] & new_valid[:, None, :]  # [B, S(q), S(k)]
+    cache_mask = cache_valid[:, :, None, :]  # [B, H, S(q) or 1, C]
+    if max_distance is not None:
+        cache_mask = cache_mask & (q_pos[:, None, :, None] - cache_pos[:, :, None, :] <= max_distance)
+        causal &= q_pos[:, :, None] - q_pos[:, None, :] <= max_distance
     mask = jnp.concatenate(
-        [jnp.broadcast_to(cache_valid[:, :, None, None, :], (b, h, g, s, c)), jnp.broadcast_to(causal[:, None, None], (b, h, g, s, s))],
+        [jnp.broadcast_to(cache_mask[:, :, None], (b, h, g, s, c)), jnp.broadcast_to(causal[:, None, None], (b, h, g, s, s))],
         axis=-1,
     )
     mask &= new_valid[:, None, None, :, None]

@@ -104,13 +104,16 @@ def generate(
         raise TypeError(f"policy must be a kvjax Policy (see kvjax.policies.make), got {type(policy).__name__}")
     mask = _prompt_mask(prompt, prompt_lengths, prompt_mask)
     longest = int(mask.sum(-1).max()) + max_new_tokens
-    if not policy.evicts and policy.capacity < longest:
-        raise ValueError(
-            f"policy {policy.name!r} never evicts but capacity={policy.capacity} < prompt + "
-            f"max_new_tokens = {longest}; raise its capacity to at least {longest}"
-        )
+    spec = model.cache_spec()
+    for layer in range(spec.num_layers):
+        p = spec.resolve(policy).for_layer(layer)
+        if not p.evicts and p.capacity < longest:
+            raise ValueError(
+                f"policy {p.name!r} never evicts but capacity={p.capacity} < prompt + "
+                f"max_new_tokens = {longest}; raise its capacity to at least {longest}"
+            )
     tokens, valid = pad_to_chunks(prompt.astype(jnp.int32), jnp.asarray(mask), chunk_size, pad_id)
-    cache = model.cache_spec().init(policy, prompt.shape[0])
+    cache = spec.init(policy, prompt.shape[0])
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if key is None else key
     return _generate(

@@ -10,6 +10,8 @@ from jaxtyping import Array, Float, Int
 
 from kvjax.cache import KVCache, init_cache
 from kvjax.policies.base import Policy, Step
+from kvjax.policies.per_layer import PerLayer
+from kvjax.policies.window import Window
 
 
 @struct.dataclass(frozen=True)
@@ -20,11 +22,22 @@ class CacheSpec:
     kv_heads: int = struct.field(pytree_node=False)
     head_dim: int = struct.field(pytree_node=False)
     dtype: str = struct.field(pytree_node=False, default="float32")
+    sliding_windows: tuple[int | None, ...] | None = struct.field(pytree_node=False, default=None)
+
+    def resolve(self, policy: Policy) -> Policy:
+        """The policy of every layer: sliding-window layers (a window of w tokens,
+        the current one included) are the `window` policy with capacity w - 1;
+        the given policy runs the global layers."""
+        if not self.sliding_windows or not any(self.sliding_windows):
+            return policy
+        return PerLayer.of(
+            policy if w is None else Window(capacity=w - 1, max_distance=w - 1) for w in self.sliding_windows
+        )
 
     def init(self, policy: Policy, batch: int) -> KVCache:
-        """An empty cache sized by the policy's static slot counts."""
+        """An empty cache sized by the (resolved) policy's static slot counts."""
         return init_cache(
-            slots=policy.layer_slots(self.num_layers), num_layers=self.num_layers, batch=batch,
+            slots=self.resolve(policy).layer_slots(self.num_layers), num_layers=self.num_layers, batch=batch,
             kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=jnp.dtype(self.dtype),
         )
 

@@ -24,7 +24,7 @@ NAMED = {
     ),
 }
 
-HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
 
 
 def named_path(name: str) -> pathlib.Path:
@@ -45,6 +45,15 @@ def config_from_hf(config: dict, dtype: str, source) -> LlamaConfig:
     if not any(a in HF_ARCHITECTURES for a in archs):
         raise ValueError(f"{source}: architecture {archs} is not supported; supported: {HF_ARCHITECTURES}")
     rope = config.get("rope_parameters") or {}  # transformers 5 keeps rope settings here
+    gemma = "Gemma3ForCausalLM" in archs
+    local_rope = None
+    if gemma:
+        if "full_attention" in rope:  # transformers 5: one entry per layer type
+            local_rope = rope.get("sliding_attention", {}).get("rope_theta")
+            rope = rope["full_attention"]
+        local_rope = local_rope or config.get("rope_local_base_freq", 10_000.0)
+        if config.get("attn_logit_softcapping") or config.get("final_logit_softcapping"):
+            raise ValueError(f"{source}: logit soft-capping is not supported yet")
     scaling = config.get("rope_scaling") or rope
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", "llama3"):
@@ -68,9 +77,14 @@ def config_from_hf(config: dict, dtype: str, source) -> LlamaConfig:
         rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 10_000.0))),
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
         attention_bias="Qwen2ForCausalLM" in archs or config.get("attention_bias", False),
-        qk_norm="Qwen3ForCausalLM" in archs,
+        qk_norm="Qwen3ForCausalLM" in archs or gemma,
         rope_scaling=llama3,
-        tie_embeddings=config.get("tie_word_embeddings", False),
+        **(dict(
+            hidden_act="gelu_tanh", sandwich_norm=True, norm_offset=1.0, embed_scale=True,
+            query_pre_attn_scalar=config.get("query_pre_attn_scalar"), sliding_window=config.get("sliding_window"),
+            layer_types=tuple(config["layer_types"]), rope_local_theta=float(local_rope),
+            tie_embeddings=config.get("tie_word_embeddings", True),
+        ) if gemma else dict(tie_embeddings=config.get("tie_word_embeddings", False))),
         dtype=dtype,
     )
 

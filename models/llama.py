@@ -1,7 +1,11 @@
 """Llama-family decoder in Flax NNX (RMSNorm, RoPE, GQA, SwiGLU).
 
 Family differences are configuration: q/k/v bias (Qwen2), per-head q/k RMSNorm
-(Qwen3), RoPE layout and Llama 3.1 frequency scaling.
+(Qwen3, Gemma 3), RoPE layout and Llama 3.1 frequency scaling, and Gemma 3's
+GeGLU, norms around both sub-blocks, scaled embeddings, query scale and
+sliding-window layers. A sliding-window layer is a fixed-capacity cache like
+any other: `kvjax.CacheSpec.resolve` runs it with the `window` policy and the
+chosen policy on the global layers.
 
 Every attention layer reads and updates its layer of a fixed-capacity
 `kvjax.KVCache` through `kvjax.attend`, so any policy runs on any input length.
@@ -36,14 +40,31 @@ class LlamaConfig:
     rope_interleaved: bool = False
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
-    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3)
     rope_scaling: kvjax.rope.Llama3Scaling | None = None  # Llama 3.1
+    # Gemma 3:
+    hidden_act: str = "silu"  # or "gelu_tanh" (GeGLU)
+    sandwich_norm: bool = False  # norms after attention and around the FFN
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + w); HF Gemma stores w - 1
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size)
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (default head_dim)
+    sliding_window: int | None = None  # tokens a sliding layer sees, the current one included
+    layer_types: tuple[str, ...] | None = None  # "sliding_attention" | "full_attention" per layer
+    rope_local_theta: float | None = None  # RoPE base of sliding layers
     tie_embeddings: bool = False
     dtype: str = "float32"
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # from a saved config.json
             object.__setattr__(self, "rope_scaling", kvjax.rope.Llama3Scaling(**self.rope_scaling))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= {"sliding_attention", "full_attention"}:
+                raise ValueError(f"layer_types must name 'sliding_attention' or 'full_attention' for each of {self.num_layers} layers")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("sliding_attention layers need sliding_window")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"hidden_act must be 'silu' or 'gelu_tanh', got {self.hidden_act!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim is None:
@@ -59,22 +80,30 @@ class LlamaConfig:
         base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
         return cls(**{**base, **overrides})
 
-    @property
-    def rope(self) -> kvjax.Rope:
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+
+    def rope(self, layer: int) -> kvjax.Rope:
+        if self.is_sliding(layer) and self.rope_local_theta is not None:
+            return kvjax.Rope(theta=self.rope_local_theta, interleaved=self.rope_interleaved)
         return kvjax.Rope(theta=self.rope_theta, interleaved=self.rope_interleaved, scaling=self.rope_scaling)
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
 class RMSNorm(nnx.Module):
     """x / rms(x) * w, computed in f32 (Zhang & Sennrich, arXiv 1910.07467)."""
 
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.eps = eps
+    def __init__(self, dim: int, cfg: LlamaConfig):
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - cfg.norm_offset, jnp.dtype(cfg.dtype)))
+        self.eps, self.offset = cfg.rms_norm_eps, cfg.norm_offset
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        return (xf * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
 
 
 def _linear(cfg: LlamaConfig, n_in: int, n_out: int, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
@@ -91,8 +120,8 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, rngs, cfg.attention_bias)
         self.o_proj = _linear(cfg, cfg.num_heads * hd, d, rngs)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
+            self.q_norm = RMSNorm(hd, cfg)
+            self.k_norm = RMSNorm(hd, cfg)
 
     def __call__(self, x, cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
         cfg = self.cfg
@@ -103,33 +132,43 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         out, cache = kvjax.attend(
-            cache, self.layer, q, k, v, policy=policy, step=step, rope=cfg.rope, scale=cfg.head_dim**-0.5
+            cache, self.layer, q, k, v, policy=policy, step=step, rope=cfg.rope(self.layer), scale=cfg.attention_scale
         )
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward (Shazeer, arXiv 2002.05202)."""
+    """Gated feed-forward: SwiGLU or GeGLU (Shazeer, arXiv 2002.05202)."""
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.hidden_act = cfg.hidden_act
         self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
         self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
         self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = jax.nn.silu(gate) if self.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: LlamaConfig, layer: int, rngs: nnx.Rngs):
-        dtype = jnp.dtype(cfg.dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.sandwich = cfg.sandwich_norm
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.self_attn = Attention(cfg, layer, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        # Hugging Face names: in Llama the norm before the FFN is "post_attention".
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, cache, policy, step):
         h, cache = self.self_attn(self.input_layernorm(x), cache, policy, step)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -142,7 +181,7 @@ class Llama(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg)
         self.lm_head = None if cfg.tie_embeddings else _linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
 
     @property
@@ -154,12 +193,18 @@ class Llama(nnx.Module):
         return self.cfg.hidden_size
 
     def cache_spec(self) -> kvjax.CacheSpec:
+        cfg = self.cfg
+        windows = tuple(cfg.sliding_window if cfg.is_sliding(i) else None for i in range(cfg.num_layers))
         return kvjax.CacheSpec(
-            num_layers=self.cfg.num_layers, kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim, dtype=self.cfg.dtype
+            num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
+            sliding_windows=windows if any(windows) else None,
         )
 
     def __call__(self, tokens: Int[Array, "B S"], cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
         x = self.embed_tokens(tokens)
+        if self.cfg.embed_scale:
+            x = x * jnp.asarray(self.cfg.hidden_size**0.5, x.dtype)
+        policy = self.cache_spec().resolve(policy)
         for block in self.layers:
             x, cache = block(x, cache, policy, step)
         return self.norm(x), cache

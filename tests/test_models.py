@@ -21,8 +21,8 @@ from tests.test_policies import POLICIES, make_policy
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 
 
-@pytest.mark.parametrize("family", ["llama", "llama31", "mistral", "qwen2", "qwen3"])
-@pytest.mark.parametrize("chunk", [8, 40])
+@pytest.mark.parametrize("family", ["llama", "llama31", "mistral", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("chunk", [5, 8, 40])
 def test_hugging_face_logit_parity(family, chunk):
     """Logits of a tiny random HF model (made by fixtures/make_hf_fixtures.py) to 1e-4."""
     model, _ = load(FIXTURES / family)
@@ -159,3 +159,20 @@ def test_restore_rejects_a_corrupt_checkpoint(tmp_path):
         models.restore(tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         models.restore(tmp_path)
+
+
+def test_gemma3_sliding_layers_are_window_caches():
+    """Sliding-window layers hold exactly their window (w - 1 past tokens) while the
+    chosen policy runs the global layer; the full cache must fit the global layer only."""
+    model, _ = load(FIXTURES / "gemma3")
+    prompt = np.load(FIXTURES / "gemma3" / "expected.npz")["prompt"]
+    out = kvjax.generate(model, prompt, policy=kvjax.policies.make("h2o", capacity=16), max_new_tokens=5, chunk_size=8)
+    assert out.cache.slots == (7, 16, 7)
+    seen = int(out.cache.seen[0])
+    for layer in (0, 2):
+        lc = out.cache.layers[layer]
+        assert sorted(np.asarray(lc.pos[0, 0])) == list(range(seen - 7, seen))
+    with pytest.raises(ValueError, match="capacity=30 < prompt"):
+        kvjax.generate(model, prompt, policy=kvjax.policies.make("full", capacity=30), max_new_tokens=5)
+    full = kvjax.generate(model, prompt, policy=kvjax.policies.make("full", capacity=45), max_new_tokens=5, chunk_size=8)
+    assert full.cache.slots == (7, 45, 7)

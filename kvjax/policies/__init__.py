@@ -8,6 +8,7 @@ from kvjax.policies.base import Candidates, Policy, Step
 from kvjax.policies.full import Full
 from kvjax.policies.h2o import H2O
 from kvjax.policies.knorm import KNorm
+from kvjax.policies.per_layer import PerLayer
 from kvjax.policies.pyramidkv import PyramidKV, pyramid_budgets
 from kvjax.policies.random import Random
 from kvjax.policies.snapkv import SnapKV
@@ -44,4 +45,4 @@ def make(name: str, capacity: int, **kwargs) -> Policy:
     return cls(capacity=capacity, **kwargs)
 
 
-__all__ = ["Candidates", "Policy", "Step", "make", "names", "options", "pyramid_budgets", *[c.__name__ for c in REGISTRY.values()]]
+__all__ = ["Candidates", "PerLayer", "Policy", "Step", "make", "names", "options", "pyramid_budgets", *[c.__name__ for c in REGISTRY.values()]]

@@ -90,6 +90,7 @@ class Policy:
     pure_eviction: ClassVar[bool] = True  # kept slots are the original (k, v)
     evicts: ClassVar[bool] = True  # False: overflowing the capacity is an error
     rotate_at_cache_position: ClassVar[bool] = False  # keys stored before RoPE
+    max_distance: ClassVar[int | None] = None  # attention masks keys further back (sliding window)
 
     def __post_init__(self):
         for field, lowest in (("capacity", 1), ("sinks", 0), ("window", 0)):
@@ -109,6 +110,10 @@ class Policy:
     @property
     def protected_description(self) -> str:
         return f"sinks={self.sinks} + window={self.window}"
+
+    def for_layer(self, layer: int) -> "Policy":
+        """The policy that runs `layer` (itself, unless policies differ per layer)."""
+        return self
 
     def layer_slots(self, num_layers: int) -> tuple[int, ...]:
         """Static slot count of each layer's cache (uniform unless a policy says otherwise)."""

@@ -5,6 +5,10 @@ StreamingLLM (Xiao et al., arXiv 2309.17453): keep the first `sinks` tokens
 No scores. `window` is the same cache with no sinks (a BCT-style ring buffer,
 arXiv 2411.15785, whose exact update rule is not specified in its source).
 
+`max_distance=capacity` masks keys further back than `capacity` positions, so
+a chunked prefill is an exact sliding window of capacity + 1 tokens (the
+current one included): how models express their sliding-window layers.
+
 Both RoPE conventions are offered:
 - rerotate=False: keys are rotated once, at their original positions.
 - rerotate=True (the paper's): keys are stored before RoPE and rotated at their
@@ -30,6 +34,7 @@ class StreamingLLM(Policy):
     sinks: int = 4
     window: int | None = None
     rerotate: bool = False
+    max_distance: int | None = None
 
     name = "streaming_llm"
 
