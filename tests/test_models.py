@@ -21,7 +21,7 @@ from tests.test_policies import POLICIES, make_policy
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 
 
-@pytest.mark.parametrize("family", ["llama", "llama31", "mistral", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "llama31", "mistral", "mistral_window", "qwen2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("chunk", [5, 8, 40])
 def test_hugging_face_logit_parity(family, chunk):
     """Logits of a tiny random HF model (made by fixtures/make_hf_fixtures.py) to 1e-4."""
@@ -176,3 +176,40 @@ def test_gemma3_sliding_layers_are_window_caches():
         kvjax.generate(model, prompt, policy=kvjax.policies.make("full", capacity=30), max_new_tokens=5)
     full = kvjax.generate(model, prompt, policy=kvjax.policies.make("full", capacity=45), max_new_tokens=5, chunk_size=8)
     assert full.cache.slots == (7, 45, 7)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_from_gguf_scores_real_text():
+    """Gemma-3-270M (GGUF, Q4_K_M): its SentencePiece tokenizer round-trips the
+    essay, and real text scores far better than the same tokens shuffled."""
+    model, tokenizer = load("gemma3-270m")
+    text = essay("worked")
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    ids = np.asarray(tokenizer.encode(text, add_bos=True)[:513])
+    policy = kvjax.policies.make("full", capacity=513)
+    real = perplexity(model, ids[None], policy=policy, chunk_size=128)
+    shuffled = np.concatenate([ids[:1], np.random.default_rng(0).permutation(ids[1:])])
+    scrambled = perplexity(model, shuffled[None], policy=policy, chunk_size=128)
+    assert np.isfinite(real) and real < 40, real
+    assert scrambled > 10 * real, (real, scrambled)
+
+
+def test_sharded_checkpoint_loads_like_one_file(tmp_path):
+    """A checkpoint split over two shards with model.safetensors.index.json."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy_fixture(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, folder / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    expected = np.load(FIXTURES / "llama" / "expected.npz")
+    got = all_logits(load(folder)[0], expected["prompt"], kvjax.policies.make("full", capacity=40))
+    np.testing.assert_allclose(got, expected["logits"], atol=1e-4, rtol=1e-4)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors: shard listed in the index is missing"):
+        load(folder)
