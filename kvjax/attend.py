@@ -55,8 +55,8 @@ def attend(
     Returns the attention output and the cache with that layer updated (the
     caller advances `cache.seen` once all layers are done).
     """
-    policy = policy.for_layer(layer)
     _check_shapes(cache, layer, q, k, v, step)
+    policy = policy.for_layer(layer)
     b, s, h, _ = k.shape
     lc = cache.layers[layer]
     k_slots, v_slots, pos, valid, score = lc.k, lc.v, lc.pos, lc.valid, lc.score

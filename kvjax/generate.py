@@ -105,8 +105,9 @@ def generate(
     mask = _prompt_mask(prompt, prompt_lengths, prompt_mask)
     longest = int(mask.sum(-1).max()) + max_new_tokens
     spec = model.cache_spec()
+    layered = spec.resolve(policy)
     for layer in range(spec.num_layers):
-        p = spec.resolve(policy).for_layer(layer)
+        p = layered.for_layer(layer)
         if not p.evicts and p.capacity < longest:
             raise ValueError(
                 f"policy {p.name!r} never evicts but capacity={p.capacity} < prompt + "
