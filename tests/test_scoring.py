@@ -87,8 +87,9 @@ def test_pyramidkv_budgets_follow_the_formula():
         assert list(got) == want
         assert all(a >= b for a, b in zip(got, got[1:]))
         assert abs(np.mean(got) - capacity) <= 0.5
-    flat = pyramid_budgets(64, 32, 4, 20.0)
-    assert flat == (64,) * 4  # lo = 3.2 < window: the fallback
+    with pytest.warns(UserWarning, match=r"cannot hold the observation window \(32\); using uniform budgets of 64"):
+        flat = pyramid_budgets(64, 32, 4, 20.0)
+    assert flat == (64,) * 4  # lo = 3.2 < window: the fallback, said aloud
     assert len(set(pyramid_budgets(64, 2, 4, 1.0))) == 1  # beta = 1: uniform
 
 
