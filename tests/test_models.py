@@ -213,3 +213,15 @@ def test_sharded_checkpoint_loads_like_one_file(tmp_path):
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors: shard listed in the index is missing"):
         load(folder)
+
+
+def test_unsupported_quantization_names_the_tensor(monkeypatch, tmp_path):
+    """A tensor type gguf cannot dequantize is reported with the file and tensor name."""
+    import gguf
+
+    def refuse(data, qtype):
+        raise NotImplementedError(qtype)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", refuse)
+    with pytest.raises(ValueError, match=r"SmolLM2-135M-Instruct.Q4_1.gguf: tensor 'token_embd.weight' uses quantization Q8_0"):
+        load("smollm2-135m")
