@@ -17,7 +17,7 @@ from jaxtyping import Array, Float
 
 from kvjax.policies.base import Policy
 from kvjax.protocol import CachedDecoder
-from kvjax.run import chunked, forward_chunk, pad_to_chunks
+from kvjax.run import pad_to_chunks, scan_chunks
 
 
 def stream_nll(
@@ -41,16 +41,12 @@ def stream_nll(
 def _stream_nll(graphdef, state, tokens, valid, targets, key, *, policy, chunk_size):
     model = nnx.merge(graphdef, state)
     cache = model.cache_spec().init(policy, tokens.shape[0])
-    keys = jax.random.split(key, tokens.shape[1] // chunk_size)
 
-    def body(cache, xs):
-        tok, val, tgt, k = xs
-        hidden, cache = forward_chunk(model, tok, val, cache, policy, k, prefill=True)
+    def next_token_nll(carry, hidden, val, tgt):
         logp = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)
-        return cache, -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+        return carry, -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
 
-    xs = (chunked(tokens, chunk_size), chunked(valid, chunk_size), chunked(targets, chunk_size), keys)
-    _, nll = jax.lax.scan(body, cache, xs)
+    _, _, nll = scan_chunks(model, tokens, valid, cache, policy, key, next_token_nll, None, chunk_size=chunk_size, extras=(targets,))
     return jnp.moveaxis(nll, 0, 1).reshape(tokens.shape)
 
 

@@ -7,6 +7,8 @@ memory is O(capacity + chunk) whatever the input length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -47,22 +49,41 @@ def pad_to_chunks(tokens: Array, valid: Array, chunk: int, pad_id: int = 0) -> t
     return tokens, jnp.pad(valid, ((0, 0), (0, extra)))
 
 
+def scan_chunks(
+    model: CachedDecoder, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], cache: KVCache,
+    policy: Policy, key, fn: Callable, init, *, chunk_size: int, extras: tuple[Array, ...] = (), impl: str = "xla",
+):
+    """Feed [B, T] tokens through the model chunk by chunk (`lax.scan`).
+
+    After each chunk, `fn(carry, hidden, valid, *extras)` (chunk slices, [B, S, ...])
+    reduces the hidden states: it returns the new carry and a per-chunk output.
+    Returns (cache, carry, outputs stacked over chunks).
+    """
+    keys = jax.random.split(key, tokens.shape[1] // chunk_size)
+
+    def body(state, xs):
+        cache, carry = state
+        tok, val, k, *ex = xs
+        hidden, cache = forward_chunk(model, tok, val, cache, policy, k, prefill=True, impl=impl)
+        carry, out = fn(carry, hidden, val, *ex)
+        return (cache, carry), out
+
+    xs = (chunked(tokens, chunk_size), chunked(valid, chunk_size), keys, *(chunked(e, chunk_size) for e in extras))
+    (cache, carry), outs = jax.lax.scan(body, (cache, init), xs)
+    return cache, carry, outs
+
+
 def prefill(
     model: CachedDecoder, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], cache: KVCache,
     policy: Policy, key, *, chunk_size: int, impl: str = "xla",
 ) -> tuple[Float[Array, "B d"], KVCache]:
     """Consume a prompt in chunks; return each row's last valid hidden state and the cache."""
-    keys = jax.random.split(key, tokens.shape[1] // chunk_size)
 
-    def body(carry, xs):
-        cache, last = carry
-        tok, val, k = xs
-        hidden, cache = forward_chunk(model, tok, val, cache, policy, k, prefill=True, impl=impl)
+    def keep_last(last, hidden, val):
         idx = chunk_size - 1 - jnp.argmax(val[:, ::-1], axis=-1)  # last valid index in the chunk
         h = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
-        last = jnp.where(val.any(-1)[:, None], h.astype(last.dtype), last)
-        return (cache, last), None
+        return jnp.where(val.any(-1)[:, None], h.astype(last.dtype), last), None
 
     last0 = jnp.zeros((tokens.shape[0], model.hidden_size), jnp.float32)
-    (cache, last), _ = jax.lax.scan(body, (cache, last0), (chunked(tokens, chunk_size), chunked(valid, chunk_size), keys))
+    cache, last, _ = scan_chunks(model, tokens, valid, cache, policy, key, keep_last, last0, chunk_size=chunk_size, impl=impl)
     return last, cache

@@ -13,7 +13,7 @@ from flax import nnx
 
 import kvjax
 from kvjax.generate import _generate
-from kvjax.run import chunked, forward_chunk
+from kvjax.run import scan_chunks
 from models import Llama, LlamaConfig
 from tests.test_policies import POLICIES, make_policy
 
@@ -31,12 +31,8 @@ def prompt(seed, batch=1, length=24):
 def _all_logits(graphdef, state, tokens, *, policy, chunk):
     model = nnx.merge(graphdef, state)
     cache = model.cache_spec().init(policy, tokens.shape[0])
-
-    def body(cache, tok):
-        hidden, cache = forward_chunk(model, tok, jnp.ones_like(tok, bool), cache, policy, jax.random.key(0), prefill=True)
-        return cache, model.logits(hidden)
-
-    _, logits = jax.lax.scan(body, cache, chunked(tokens, chunk))
+    logits_of = lambda carry, hidden, valid: (carry, model.logits(hidden))  # noqa: E731
+    _, _, logits = scan_chunks(model, tokens, jnp.ones_like(tokens, bool), cache, policy, jax.random.key(0), logits_of, None, chunk_size=chunk)
     return jnp.concatenate(list(logits), axis=1)
 
 
