@@ -1,1 +1,10 @@
-"""Pallas attention kernels for GPU and TPU, each beside its pure-jnp reference (issue 4: not built yet)."""
+"""Pallas attention over a fixed-capacity KV cache (GPU and TPU), beside its pure-jnp reference.
+
+`cache_attention` (kernels) and `cache_attention_reference` (jnp, also kvjax's
+XLA path) take the same arguments and agree to float tolerance. Depends on JAX only.
+"""
+
+from pallas_kernels.attention import cache_attention, default_backend
+from pallas_kernels.reference import cache_attention_reference
+
+__all__ = ["cache_attention", "cache_attention_reference", "default_backend"]

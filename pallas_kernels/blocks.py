@@ -1,0 +1,76 @@
+"""Block math shared by the GPU and TPU kernels: scores, visibility, online softmax.
+
+Both kernels walk key blocks of one region and keep, per query row, the running
+max `m`, the running normaliser `l` and the unnormalised output `acc`
+(flash attention, Dao et al. 2022, Alg. 1). Splits of the key axis and separate
+regions (cache slots, the chunk itself) are merged afterwards by `combine`, a
+log-sum-exp over partial results (flash-decoding). Row vectors stay 2-D
+(`[rows, 1]`) because Mosaic lays out 1-D vectors poorly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+F32 = jnp.float32
+
+
+def scores(q: Float[Array, "R D"], k: Float[Array, "K D"], scale: float, softcap: float | None) -> Float[Array, "R K"]:
+    """Scaled (and optionally soft-capped, `c * tanh(s / c)`) logits in f32."""
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=F32) * scale
+    return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+
+def visible(
+    rows: Int[Array, "R 1"],
+    cols: Int[Array, "1 K"],
+    key_ok: Bool[Array, "1 K"],
+    n: int,
+    *,
+    group: int,
+    causal: bool,
+    q_pos: Int[Array, "R 1"] | None,
+    k_pos: Int[Array, "1 K"] | None,
+    max_distance: int | None,
+) -> Bool[Array, "R K"]:
+    """Which (row, key) pairs attend: key in bounds and valid; causal by chunk index; inside the window."""
+    ok = (cols < n) & key_ok
+    if causal:  # rows are (token, head-in-group) pairs: token = row // group
+        ok &= cols <= rows // group
+    if max_distance is not None:
+        ok &= q_pos - k_pos <= max_distance
+    return ok
+
+
+def online_update(carry, s: Float[Array, "R K"], ok: Bool[Array, "R K"], v: Float[Array, "K D"], v_ok: Bool[Array, "K 1"]):
+    """One key block of online softmax; fully masked rows keep m = -inf and l = 0."""
+    m, l, acc = carry
+    s = jnp.where(ok, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(-1, keepdims=True))
+    m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)  # a comparison, which Mosaic and Triton both lower
+    p = jnp.exp(s - m_safe)
+    alpha = jnp.exp(m - m_safe)
+    v = jnp.where(v_ok, v, jnp.zeros_like(v))  # out-of-bounds rows may hold NaN
+    acc = alpha * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=F32)
+    return m_new, alpha * l + p.sum(-1, keepdims=True), acc
+
+
+def combine(
+    o: Float[Array, "B H P R D"], m: Float[Array, "B H P R 1"], l: Float[Array, "B H P R 1"]
+) -> tuple[Float[Array, "B H R D"], Float[Array, "B H R"]]:
+    """Merge P partial softmaxes (splits and regions) by log-sum-exp: normalised output and lse."""
+    top = m.max(axis=2, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp(m - top)
+    den = (w * l).sum(axis=2)
+    out = (w * o).sum(axis=2) / jnp.where(den > 0, den, 1.0)
+    lse = jnp.where(den > 0, jnp.log(jnp.where(den > 0, den, 1.0)) + top[:, :, 0], -jnp.inf)
+    return out, lse[..., 0]
+
+
+def extent(valid: Bool[Array, "B H N"]) -> Int[Array, "B H"]:
+    """One past the last valid slot per (batch, head): blocks at or beyond it are skipped."""
+    idx = jnp.arange(1, valid.shape[-1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(valid, idx, 0), axis=-1).astype(jnp.int32)

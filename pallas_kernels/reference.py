@@ -1,0 +1,68 @@
+"""Pure-jnp reference for `cache_attention`: one masked softmax over (cache slots + chunk).
+
+This is also kvjax's XLA path (`impl="xla"`), the CPU path: one source of
+truth that the kernels are tested against. Keys are read once: logits over the
+cache and over the chunk are computed separately and joined in one softmax, so
+the cache is never copied into a concatenated buffer.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+F32 = jnp.float32
+
+
+def cache_attention_reference(
+    q: Float[Array, "B H R D"],
+    k_cache: Float[Array, "B H C D"],
+    v_cache: Float[Array, "B H C D"],
+    cache_valid: Bool[Array, "B H C"],
+    k_new: Float[Array, "B H S D"],
+    v_new: Float[Array, "B H S D"],
+    new_valid: Bool[Array, "B S"],
+    *,
+    group: int,
+    scale: float,
+    softcap: float | None = None,
+    max_distance: int | None = None,
+    cache_pos: Int[Array, "B H C"] | None = None,
+    q_pos: Int[Array, "B S"] | None = None,
+    stat_weights: Float[Array, "B S"] | None = None,
+) -> tuple[Float[Array, "B H R D"], Float[Array, "B H R"], Float[Array, "B H N"] | None]:
+    """Rows r = s * group + g (token s, head g of the KV group) attend to valid cache
+    slots and causally to valid chunk keys (within `max_distance` positions if given);
+    padding rows output zeros with lse = -inf. Returns (out, lse, mass) where
+    `mass[b, h, n] = sum_r w[b, r // group] p[b, h, r, n]` over n = (C slots, S chunk keys).
+    """
+    b, h, rows, _ = q.shape
+    s_len, c = k_new.shape[2], k_cache.shape[2]
+    token = jnp.arange(rows) // group
+    logits = jnp.concatenate(
+        [jnp.einsum("bhrd,bhcd->bhrc", q, k_cache, preferred_element_type=F32),
+         jnp.einsum("bhrd,bhtd->bhrt", q, k_new, preferred_element_type=F32)], axis=-1) * scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    causal = (jnp.arange(s_len)[None, :] <= token[:, None])[None] & new_valid[:, None, :]  # [B, R, S]
+    cache_mask = cache_valid[:, :, None, :]  # [B, H, 1, C]
+    if max_distance is not None:
+        row_pos = q_pos[:, token]
+        cache_mask = cache_mask & (row_pos[:, None, :, None] - cache_pos[:, :, None, :] <= max_distance)
+        causal &= row_pos[:, :, None] - q_pos[:, None, :] <= max_distance
+    mask = jnp.concatenate(
+        [jnp.broadcast_to(cache_mask, (b, h, rows, c)), jnp.broadcast_to(causal[:, None], (b, h, rows, s_len))], axis=-1)
+    mask &= new_valid[:, token][:, None, :, None]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m = logits.max(-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # fully masked rows (padding queries)
+    p = jnp.where(mask, jnp.exp(logits - m), 0.0)
+    den = p.sum(-1, keepdims=True)
+    p = p / jnp.where(den > 0, den, 1.0)
+    lse = jnp.where(den > 0, jnp.log(jnp.where(den > 0, den, 1.0)) + m, -jnp.inf)[..., 0]
+    out = jnp.einsum("bhrc,bhcd->bhrd", p[..., :c].astype(v_cache.dtype), v_cache, preferred_element_type=F32)
+    out += jnp.einsum("bhrt,bhtd->bhrd", p[..., c:].astype(v_new.dtype), v_new, preferred_element_type=F32)
+    mass = None
+    if stat_weights is not None:
+        mass = jnp.einsum("bhrn,br->bhn", p, stat_weights.astype(F32)[:, token])
+    return out.astype(q.dtype), lse, mass

@@ -1,0 +1,60 @@
+"""The contract both backend kernels implement: attention of query rows over one key region.
+
+A region is either the cache slots (per-slot valid mask, no causality) or the
+chunk being written (causal by chunk index). Rows are (token, head-in-group)
+pairs flattened token-major, so all query heads of a KV group share one program
+and read each key block once (GQA/MQA). A kernel returns, per split of the key
+axis, the unnormalised output and the running max and normaliser; `blocks.combine`
+merges splits and regions. With `return_logits` it also writes the masked logits
+(-inf where not visible) in the same pass, so per-slot attention mass costs no
+second read of K (`attention.cache_attention` normalises them with the final lse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """Static configuration of one region's kernel call (hashable, part of the jit key)."""
+
+    group: int  # query heads per KV head
+    causal: bool  # keys of the chunk itself: key index <= token index of the row
+    scale: float
+    softcap: float | None
+    max_distance: int | None  # sliding window over positions, None for none
+    return_logits: bool
+    block_r: int  # query rows per program
+    block_k: int  # keys per block
+    num_splits: int  # key-axis splits (flash-decoding); 1 for prefill
+
+
+Inputs = tuple[
+    Float[Array, "B H R D"],  # q rows
+    Float[Array, "B H N D"],  # k
+    Float[Array, "B H N D"],  # v
+    Int[Array, "B H 1 N"],  # key_ok (int32: 1 valid, 0 not)
+    Int[Array, "B H 1 N"],  # k_pos
+    Int[Array, "B R 1"],  # q_pos per row
+    Int[Array, "B H"],  # extent: one past the last valid key
+]
+
+Partials = tuple[
+    Float[Array, "B H P R D"],  # unnormalised output per split
+    Float[Array, "B H P R 1"],  # running max
+    Float[Array, "B H P R 1"],  # normaliser
+    Float[Array, "B H R M"] | None,  # masked logits, M >= N (padded to whole blocks)
+]
+
+
+def layout(n: int, block_k: int, num_splits: int, *, pow2: bool = False) -> tuple[int, int]:
+    """(splits, blocks per split) covering n keys; every split holds at least one real block.
+    With `pow2` the blocks per split are a power of two (Triton block shapes must be)."""
+    nblocks = -(-n // block_k)
+    per_split = -(-nblocks // max(1, min(num_splits, nblocks)))
+    if pow2:
+        per_split = 1 << (per_split - 1).bit_length()
+    return -(-nblocks // per_split), per_split
