@@ -9,6 +9,7 @@ from kvjax.attend import attend
 from kvjax.attention import attention
 from kvjax.cache import KVCache, init_cache
 from kvjax.generate import GenerateOutput, generate
+from kvjax.plan import CapacityPlan, plan_capacity
 from kvjax.policies.base import Policy, Step
 from kvjax.protocol import CacheSpec, CachedDecoder
 from kvjax.rope import Rope
@@ -16,6 +17,6 @@ from kvjax.run import forward_chunk, make_step, prefill
 from kvjax.sampling import Sampler
 
 __all__ = [
-    "CacheSpec", "CachedDecoder", "GenerateOutput", "KVCache", "Policy", "Rope", "Sampler", "Step",
-    "attend", "attention", "evaluate", "forward_chunk", "generate", "init_cache", "make_step", "policies", "prefill",
+    "CacheSpec", "CachedDecoder", "CapacityPlan", "GenerateOutput", "KVCache", "Policy", "Rope", "Sampler", "Step",
+    "attend", "attention", "evaluate", "forward_chunk", "generate", "init_cache", "make_step", "plan_capacity", "policies", "prefill",
 ]

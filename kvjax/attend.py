@@ -91,7 +91,13 @@ def attend(
     new_score = policy.score(cand, step, layer).astype(jnp.float32)
     rank = select.rank(new_score, cand.valid, policy.protected(cand.pos, cand.valid, step))
 
-    if s == 1:  # decode: evict one candidate, write the new token over it in place
+    if policy.merges:  # merging policies rewrite slots, so they see every candidate
+        fields = dict(k=jnp.concatenate([k_slots, new_k], 2), v=jnp.concatenate([v_slots, new_v], 2),
+                      pos=cand.pos, valid=cand.valid, score=new_score)
+        kept = policy.merge(fields, cand, step, layer, c)
+        kept["pos"] = jnp.where(kept["valid"], kept["pos"], EMPTY_POS)
+        lc = LayerCache(**kept)
+    elif s == 1:  # decode: evict one candidate, write the new token over it in place
         drop = select.evict_index(rank, cand.pos)
         target = jnp.where((drop < c) & step.new_valid, drop, c)  # c = out of range: no write
         lc = LayerCache(

@@ -80,6 +80,14 @@ class LlamaConfig:
         base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
         return cls(**{**base, **overrides})
 
+    def cache_spec(self) -> kvjax.CacheSpec:
+        """The cache this model asks for (what `kvjax.plan_capacity` sizes)."""
+        windows = tuple(self.sliding_window if self.is_sliding(i) else None for i in range(self.num_layers))
+        return kvjax.CacheSpec(
+            num_layers=self.num_layers, kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=self.dtype,
+            sliding_windows=windows if any(windows) else None,
+        )
+
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
 
@@ -193,12 +201,7 @@ class Llama(nnx.Module):
         return self.cfg.hidden_size
 
     def cache_spec(self) -> kvjax.CacheSpec:
-        cfg = self.cfg
-        windows = tuple(cfg.sliding_window if cfg.is_sliding(i) else None for i in range(cfg.num_layers))
-        return kvjax.CacheSpec(
-            num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
-            sliding_windows=windows if any(windows) else None,
-        )
+        return self.cfg.cache_spec()
 
     def __call__(self, tokens: Int[Array, "B S"], cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
         x = self.embed_tokens(tokens)

@@ -19,6 +19,26 @@ from kvjax.run import chunked, make_step
 ROPE = kvjax.Rope(theta=10_000.0)
 
 
+# ----------------------------------------------------------------------------- memory
+
+
+def prefill_memory(model, policy, lengths, *, chunk: int):
+    """(scratch bytes, output bytes) of the compiled chunked prefill for each prompt length,
+    and the jitted program itself (state, tokens) -> (last hidden, cache)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, tokens):
+        m = nnx.merge(graphdef, state)
+        cache = m.cache_spec().init(policy, tokens.shape[0])
+        return kvjax.prefill(m, tokens, jnp.ones_like(tokens, bool), cache, policy, jax.random.key(0), chunk_size=chunk)
+
+    stats = [run.lower(state, jnp.zeros((1, t), jnp.int32)).compile().memory_analysis() for t in lengths]
+    return [(m.temp_size_in_bytes, m.output_size_in_bytes) for m in stats], functools.partial(run, state)
+
+
 # ----------------------------------------------------------------------------- runner
 
 

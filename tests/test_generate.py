@@ -15,6 +15,7 @@ import kvjax
 from kvjax.generate import _generate
 from kvjax.run import scan_chunks
 from models import Llama, LlamaConfig
+from tests.helpers import prefill_memory
 from tests.test_policies import POLICIES, make_policy
 
 
@@ -125,19 +126,8 @@ def test_cache_buffers_are_donated(model):
 def test_prefill_memory_does_not_grow_with_the_prompt(model):
     """Chunked prefill: the compiled program's scratch memory is independent of
     the prompt length apart from the token ids and mask themselves (5 B/token)."""
-    graphdef, state = nnx.split(model)
     policy = kvjax.policies.make("h2o", capacity=32)
-
-    @jax.jit
-    def run(state, tokens):
-        model = nnx.merge(graphdef, state)
-        cache = model.cache_spec().init(policy, 1)
-        return kvjax.prefill(model, tokens, jnp.ones_like(tokens, bool), cache, policy, jax.random.key(0), chunk_size=16)
-
-    def scratch(t):
-        return run.lower(state, jnp.zeros((1, t), jnp.int32)).compile().memory_analysis().temp_size_in_bytes
-
-    small, large = scratch(64), scratch(4096)
+    (small, _), (large, _) = prefill_memory(model, policy, (64, 4096), chunk=16)[0]
     activations_per_token = 4 * model.cfg.hidden_size  # what an O(length) prefill would hold at least
     assert large - small <= 5 * (4096 - 64)
     assert large - small < activations_per_token * (4096 - 64) / 10

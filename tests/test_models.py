@@ -225,3 +225,14 @@ def test_unsupported_quantization_names_the_tensor(monkeypatch, tmp_path):
     monkeypatch.setattr(gguf.quants, "dequantize", refuse)
     with pytest.raises(ValueError, match=r"SmolLM2-135M-Instruct.Q4_1.gguf: tensor 'token_embd.weight' uses quantization Q8_0"):
         load("smollm2-135m")
+
+
+@pytest.mark.slow
+def test_smollm2_pallas_kernels_generate_the_xla_tokens(smollm2):
+    """Issue 4 end to end: interpreted Pallas kernels and the XLA path give the same
+    tokens on a short real prompt, with a cache smaller than the sequence (h2o)."""
+    model, tokenizer = smollm2
+    prompt = np.asarray(tokenizer.encode(essay("worked"))[:48])[None]
+    policy = kvjax.policies.make("h2o", capacity=32, window=4)
+    runs = [kvjax.generate(model, prompt, policy=policy, max_new_tokens=8, chunk_size=16, impl=impl) for impl in ("xla", "pallas")]
+    np.testing.assert_array_equal(runs[1].tokens, runs[0].tokens)

@@ -20,6 +20,8 @@ def make_policy(name: str, capacity: int, layers: int = 1, rerotate: bool = Fals
         "window": dict(rerotate=rerotate),
         "snapkv": dict(window=min(2, capacity), kernel=3),
         "pyramidkv": dict(window=1, kernel=3, num_layers=layers, beta=2.0),
+        "bct": dict(sinks=1, window=1),
+        "kvmerger": dict(protect=1, num_layers=layers, exclude_layers=(1,)),  # layer 0 merges, layer 1 evicts
     }.get(name, {})
     return kvjax.policies.make(name, capacity=capacity, **options)
 

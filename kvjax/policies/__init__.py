@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 from kvjax.policies.base import Candidates, Policy, Step
+from kvjax.policies.bct import BCT
 from kvjax.policies.full import Full
 from kvjax.policies.h2o import H2O
 from kvjax.policies.knorm import KNorm
+from kvjax.policies.kvmerger import KVMerger
 from kvjax.policies.per_layer import PerLayer
 from kvjax.policies.pyramidkv import PyramidKV, pyramid_budgets
 from kvjax.policies.random import Random
@@ -16,7 +18,7 @@ from kvjax.policies.tova import TOVA
 from kvjax.policies.window import StreamingLLM, Window
 
 REGISTRY: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, Window, StreamingLLM, H2O, TOVA, SnapKV, PyramidKV, KNorm, Random)
+    cls.name: cls for cls in (Full, Window, StreamingLLM, H2O, TOVA, SnapKV, PyramidKV, KNorm, Random, BCT, KVMerger)
 }
 
 

@@ -91,6 +91,7 @@ class Policy:
     evicts: ClassVar[bool] = True  # False: overflowing the capacity is an error
     rotate_at_cache_position: ClassVar[bool] = False  # keys stored before RoPE
     max_distance: ClassVar[int | None] = None  # attention masks keys further back (sliding window)
+    merges: ClassVar[bool] = False  # slots are rewritten by `merge`, not kept by rank
 
     def __post_init__(self):
         for field, lowest in (("capacity", 1), ("sinks", 0), ("window", 0)):
@@ -134,6 +135,15 @@ class Policy:
     def score(self, cand: Candidates, step: Step, layer: int) -> Float[Array, "B H N"]:
         """Score of every candidate; higher is kept. Default: keep the newest."""
         return jnp.zeros_like(cand.score)
+
+    def merge(self, fields: dict[str, Array], cand: Candidates, step: Step, layer: int, slots: int) -> dict[str, Array]:
+        """Merging policies: the layer's new slots from all candidates.
+
+        `fields` holds k, v [B, H, N, D] and pos, valid, score [B, H, N] of the
+        candidates (score as returned by `score`); returns the same names with
+        N replaced by `slots`.
+        """
+        raise NotImplementedError(f"{self.name} sets merges=True but has no merge()")
 
     def key_positions(self, pos, valid, step: Step):
         """Positions the cached keys and the chunk are rotated at for attention.

@@ -22,7 +22,7 @@ class PerLayer(Policy):
         return cls(capacity=max(p.capacity for p in policies), policies=policies)
 
     def for_layer(self, layer: int) -> Policy:
-        return self.policies[layer]
+        return self.policies[layer].for_layer(layer)  # nested per-layer policies resolve through
 
     def layer_slots(self, num_layers: int) -> tuple[int, ...]:
         if num_layers != len(self.policies):

@@ -1,0 +1,98 @@
+"""Seed methods against the baselines on SmolLM2-135M at 25% and 50% of a real-text context.
+
+For each policy and budget: the streaming perplexity of the context's second
+half (every token predicted from the compressed cache of everything before it),
+passkey accuracy at the same length, and the cache bytes. Writes JSON and a
+plot of quality against cache bytes, one line per policy.
+
+    python -m experiments.seed_methods [--context 2048] [--budgets 0.25 0.5] [--trials 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+import kvjax
+from experiments import passkey
+from experiments.texts import essay
+from models import load
+
+POLICIES = ["full", "streaming_llm", "h2o", "tova", "snapkv", "kvmerger", "bct"]
+
+
+def make(name: str, capacity: int, num_layers: int) -> kvjax.Policy:
+    if name == "kvmerger":
+        return kvjax.policies.make(name, capacity=capacity, num_layers=num_layers)
+    return kvjax.policies.make(name, capacity=capacity)
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        print("no plot: pip install matplotlib (or the kvjax[plots] extra)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    full = next(r for r in rows if r["policy"] == "full")
+    for name in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted((r["cache_mib"], r["perplexity"], r["passkey"]) for r in rows if r["policy"] == name)
+        style = dict(marker="*", markersize=12) if name == "full" else dict(marker="o")
+        for ax, i in zip(axes, (1, 2)):
+            ax.plot([p[0] for p in pts], [p[i] for p in pts], label=name, **style)
+    axes[0].axhline(full["perplexity"], color="grey", lw=0.8, ls="--")
+    axes[0].set(xlabel="cache MiB", ylabel="perplexity of the second half (lower is better)", yscale="log")
+    axes[1].set(xlabel="cache MiB", ylabel="passkey accuracy", ylim=(-0.05, 1.05))
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M, real text; budgets as a fraction of the context")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--policies", nargs="+", default=POLICIES, choices=kvjax.policies.names())
+    parser.add_argument("--trials", type=int, default=4, help="passkey trials per depth")
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    parser.add_argument("--out", default="results/seed_methods.json")
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load(args.model)
+    layers = model.cfg.num_layers
+    text = np.asarray(tokenizer.encode(essay("worked")))[None, : args.context]
+    if text.shape[1] < args.context:
+        raise ValueError(f"the essay has {text.shape[1]} tokens, fewer than --context {args.context}")
+    jobs = [("full", 1.0)] + [(p, b) for p in args.policies if p != "full" for b in args.budgets]
+    rows = []
+    for name, budget in tqdm(jobs, desc="policies x budgets", unit="run"):
+        capacity = int(budget * args.context)
+        policy = make(name, capacity + (8 if name == "full" else 0), layers)
+        start = time.perf_counter()
+        ppl = kvjax.evaluate.perplexity(model, text, policy=policy, chunk_size=256, start=args.context // 2)
+        keys = passkey.run(model, tokenizer, lambda length, policy=policy: policy, lengths=[args.context], depths=args.depths, trials=args.trials)
+        rows.append(dict(policy=name, budget=budget, capacity=capacity, cache_mib=model.cache_spec().init(policy, 1).nbytes / 2**20,
+                         perplexity=ppl, passkey=float(np.mean([r["accuracy"] for r in keys])), passkey_by_depth=keys,
+                         seconds=time.perf_counter() - start))
+        tqdm.write(f"{name:<14} {budget:>5.0%} ppl {ppl:8.3f}  passkey {rows[-1]['passkey']:.0%}")
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(model=args.model, context=args.context, trials=args.trials, depths=args.depths, rows=rows), indent=2))
+    print(f"wrote {out}")
+    plot(rows, out.with_suffix(".png"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

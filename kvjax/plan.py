@@ -1,0 +1,166 @@
+"""Predefined KV-cache capacity from a memory budget (BCT, arXiv 2411.15785).
+
+A model is built with a cache whose size is fixed before the first token: given
+a byte budget (or a token count), `plan_capacity` returns the slots of every
+layer so that the cache `init` allocates holds exactly `plan.nbytes <= budget`
+bytes, spread uniformly, as a PyramidKV schedule, or by a profile (e.g. the
+per-layer merge ratios of `kvjax.policies.kvmerger.profile`). Sliding-window
+layers keep their fixed window and are paid for first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+from kvjax import policies
+from kvjax.cache import KVCache
+from kvjax.policies.base import Policy
+from kvjax.policies.per_layer import PerLayer
+from kvjax.policies.pyramidkv import pyramid_budgets
+from kvjax.protocol import CacheSpec
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(budget: int | str) -> int:
+    """'256MiB', '1.5GB', '4096' or an int -> bytes."""
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        return budget
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(budget))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"budget {budget!r} is not a size: write e.g. 268435456, '256MiB' or '1.5GB'")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def slot_bytes(spec: CacheSpec, batch: int) -> int:
+    """Bytes one slot costs in one layer: k and v, plus pos (int32), valid (bool), score (f32) per KV head."""
+    return batch * spec.kv_heads * (2 * spec.head_dim * jnp.dtype(spec.dtype).itemsize + 4 + 1 + 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityPlan:
+    """Slots per layer for a policy, and the bytes the cache will hold."""
+
+    spec: CacheSpec
+    slots: tuple[int, ...]
+    batch: int
+    policy_name: str
+    options: tuple[tuple[str, object], ...]
+    nbytes: int
+
+    def policy(self) -> Policy:
+        """The policy with each global layer's capacity (one policy if they are all equal)."""
+        fixed = self.spec.sliding_windows or (None,) * self.spec.num_layers
+        make = lambda c: policies.make(self.policy_name, capacity=c, **dict(self.options))  # noqa: E731
+        global_slots = {s for s, w in zip(self.slots, fixed) if w is None}
+        if len(global_slots) == 1:
+            return make(next(iter(global_slots)))
+        # CacheSpec.resolve puts window caches on sliding layers; the largest policy stands in there
+        top = max(global_slots)
+        return PerLayer.of(make(s if w is None else top) for s, w in zip(self.slots, fixed))
+
+    def init(self) -> KVCache:
+        cache = self.spec.init(self.policy(), self.batch)
+        assert cache.nbytes == self.nbytes, (cache.nbytes, self.nbytes)
+        return cache
+
+
+def _spec(model) -> CacheSpec:
+    if isinstance(model, CacheSpec):
+        return model
+    if hasattr(model, "cache_spec"):
+        return model.cache_spec()
+    raise TypeError(f"plan_capacity needs a model, a model config or a CacheSpec (with .cache_spec()), got {type(model).__name__}")
+
+
+def _split(total: int, weights: Sequence[float]) -> list[int]:
+    """Largest-remainder split of `total` slots in proportion to `weights`."""
+    weights = [float(w) for w in weights]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"per-layer profile must be non-negative with a positive sum, got {weights}")
+    exact = [total * w / sum(weights) for w in weights]
+    slots = [math.floor(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: slots[i] - exact[i])[: total - sum(slots)]:
+        slots[i] += 1
+    return slots
+
+
+def _min_slots(policy: str, options: dict) -> int:
+    """Smallest capacity the policy accepts (its protected tokens may depend on the capacity)."""
+    def fits(c: int) -> bool:
+        try:
+            policies.make(policy, capacity=c, **options)
+            return True
+        except ValueError:
+            return False
+
+    lo, hi = 1, 2**24
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return lo
+
+
+def plan_capacity(
+    model,
+    budget: int | str | None = None,
+    *,
+    tokens: int | None = None,
+    policy: str = "window",
+    per_layer: str | Sequence[float] = "uniform",
+    batch: int = 1,
+    beta: float = 20.0,
+    **options,
+) -> CapacityPlan:
+    """Per-layer capacities for `policy` that fit `budget` bytes (or `tokens` slots per global layer).
+
+    per_layer: "uniform"; "pyramid" (PyramidKV's linear schedule with `beta`,
+    averaging the uniform capacity); or one weight per layer (a profile).
+    Options are passed to the policy. Raises if the budget cannot hold the
+    tokens the policy protects, naming the minimum budget.
+    """
+    spec = _spec(model)
+    if (budget is None) == (tokens is None):
+        raise ValueError("plan_capacity: give exactly one of budget=<bytes or '256MiB'> or tokens=<slots per layer>")
+    policies.make(policy, capacity=2**24, **options)  # unknown names and options fail here, by name
+    windows = spec.sliding_windows or (None,) * spec.num_layers
+    per_slot = slot_bytes(spec, batch)
+    fixed = sum(w - 1 for w in windows if w is not None) * per_slot + 4 * batch  # window layers + `seen`
+    globals_ = [i for i, w in enumerate(windows) if w is None]
+    minimum = _min_slots(policy, options)
+    if budget is not None:
+        budget_bytes = parse_bytes(budget)
+        total = (budget_bytes - fixed) // per_slot
+    else:
+        budget_bytes, total = None, tokens * len(globals_)
+    if isinstance(per_layer, str):
+        if per_layer == "uniform":
+            global_slots = [total // len(globals_)] * len(globals_)
+        elif per_layer == "pyramid":
+            mean = total // len(globals_)
+            global_slots = list(pyramid_budgets(mean, minimum, len(globals_), beta)) if mean >= minimum else [mean] * len(globals_)
+            while sum(global_slots) > total:  # rounding can overshoot by a slot or two
+                global_slots[global_slots.index(max(global_slots))] -= 1
+        else:
+            raise ValueError(f"per_layer must be 'uniform', 'pyramid' or one weight per layer, got {per_layer!r}")
+    else:
+        if len(per_layer) != spec.num_layers:
+            raise ValueError(f"per_layer profile has {len(per_layer)} weights, the model has {spec.num_layers} layers")
+        global_slots = _split(total, [per_layer[i] for i in globals_])
+    if min(global_slots) < minimum:
+        need = fixed + minimum * len(globals_) * per_slot
+        raise ValueError(
+            f"plan_capacity: {budget if budget is not None else f'tokens={tokens}'} leaves {min(global_slots)} slots in a layer, "
+            f"but {policy} protects {minimum} tokens per layer; the minimum budget is {need} bytes "
+            f"({need / 2**20:.3f} MiB) for batch={batch}"
+        )
+    slots = list(w - 1 if w is not None else 0 for w in windows)
+    for i, s in zip(globals_, global_slots):
+        slots[i] = s
+    nbytes = fixed + sum(global_slots) * per_slot
+    return CapacityPlan(spec, tuple(slots), batch, policy, tuple(sorted(options.items())), nbytes)

@@ -1,0 +1,132 @@
+"""KVMerger (Wang et al., arXiv 2407.08454): adaptive merging of consecutive similar keys.
+
+Per layer and KV head, candidates (the cache slots and the chunk) are ordered by
+position. Merging sets are runs of consecutive candidates whose neighbouring
+keys are similar (cosine); the threshold is chosen so the number of sets equals
+the slots exactly: the (n - slots) most similar eligible neighbour pairs are
+joined (the spec's "(T-C)-th largest similarity", no binary search, no
+data-dependent shapes: set ids are a cumulative sum, reductions are segment sums).
+The `protect` tokens with the highest accumulated attention (H2O's score) and
+the `sinks`/`window` tokens are singletons.
+
+Each set becomes one slot (Eq. 5-7 as read in spec §2): the pivot is the member
+with the highest accumulated attention; weights w_i ∝ exp(-‖k_p - k_i‖² / 2σ²)
+(normalised over the set, so the pivot's is the largest) merge keys and values
+alike. σ: "mean" (the spec's reading, mean ‖k_p - k_i‖ / √2 over the set) or a
+number. The slot keeps the pivot's position and the set's summed score.
+
+Beyond the paper (prefill only there): the same rule runs at every step, so in
+the fixed-capacity decode loop the incoming token joins its neighbour's set if
+that is the most similar pair, otherwise the most similar pair elsewhere merges.
+When protected tokens leave too few eligible pairs, the lowest-scoring sets are
+evicted. Excluded layers (default the first two and the last, spec §2) never
+merge: they evict by accumulated attention (H2O) at the same capacity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kvjax import select
+from kvjax.policies.base import Policy
+from kvjax.policies.h2o import H2O
+from kvjax.policies.merging import cosine
+
+
+@dataclasses.dataclass(frozen=True)
+class KVMerger(Policy):
+    """Keeps: merged runs of similar keys, top-`protect` attention tokens as singletons."""
+
+    protect: int | None = None  # default capacity // 8
+    sigma: float | str = "mean"
+    exclude_layers: tuple[int, ...] = (0, 1, -1)
+    num_layers: int = 0
+
+    name = "kvmerger"
+    stats = "all"
+    pure_eviction = False
+    merges = True
+
+    def __post_init__(self):
+        if self.protect is None:
+            object.__setattr__(self, "protect", self.capacity // 8 if isinstance(self.capacity, int) else 0)
+        object.__setattr__(self, "exclude_layers", tuple(self.exclude_layers))
+        super().__post_init__()
+        if not (self.sigma == "mean" or (isinstance(self.sigma, (int, float)) and self.sigma > 0)):
+            raise ValueError(f"kvmerger: sigma must be 'mean' or a positive number, got {self.sigma!r}")
+        if any(i < 0 for i in self.exclude_layers) and self.num_layers < 1:
+            raise ValueError(
+                f"kvmerger: exclude_layers={self.exclude_layers} counts from the end; pass num_layers=<the model's "
+                "layer count>, or exclude_layers=() to merge in every layer"
+            )
+
+    @property
+    def min_capacity(self) -> int:
+        return self.sinks + self.window + self.protect + 1
+
+    @property
+    def protected_description(self) -> str:
+        return f"sinks={self.sinks} + window={self.window} + protect={self.protect} + 1 merged slot"
+
+    def excluded(self, layer: int) -> bool:
+        return layer in self.exclude_layers or (self.num_layers > 0 and layer - self.num_layers in self.exclude_layers)
+
+    def for_layer(self, layer: int) -> Policy:
+        return H2O(capacity=self.capacity) if self.excluded(layer) else self
+
+    def score(self, cand, step, layer):
+        return cand.score + cand.mass  # accumulated attention, as H2O
+
+    def merge(self, fields, cand, step, layer, slots):
+        order = jnp.argsort(jnp.where(fields["valid"], fields["pos"], select.INT_MAX), axis=-1)
+        f = {n: jnp.take_along_axis(x, order if x.ndim == 3 else order[..., None], 2) for n, x in fields.items()}
+        protected = self.protected(f["pos"], f["valid"], step) | _top(f["score"], f["valid"], self.protect)
+        merged = jax.vmap(jax.vmap(lambda g: _merge_runs(g, slots, self.sigma)))(dict(f, protected=protected))
+        rank = select.rank(merged["score"], merged["valid"], merged.pop("protected"))
+        return select.select_chunk(merged, rank, slots)
+
+
+def _top(score, valid, k: int):
+    """The k valid candidates with the highest score."""
+    if k == 0:
+        return jnp.zeros_like(valid)
+    s = jnp.where(valid, score, -jnp.inf)
+    kth = jax.lax.top_k(s, k)[0][..., -1:]
+    return valid & (s >= kth)
+
+
+def _merge_runs(f, slots: int, sigma):
+    """One (row, head): join the most similar eligible neighbours until `slots` sets remain, merge each set."""
+    n = f["valid"].shape[0]
+    k32 = f["k"].astype(jnp.float32)
+    sim = cosine(k32[:-1], k32[1:])
+    free = f["valid"] & ~f["protected"]
+    eligible = free[:-1] & free[1:]
+    joins = jnp.maximum(f["valid"].sum() - slots, 0)
+    order = jnp.argsort(jnp.where(eligible, -sim, jnp.inf), stable=True)
+    join = eligible & (jnp.zeros(n - 1, jnp.int32).at[order].set(jnp.arange(n - 1)) < joins)
+    seg = jnp.cumsum(jnp.concatenate([jnp.ones(1, bool), ~join])) - 1  # set id per candidate
+    segsum = lambda x: jax.ops.segment_sum(x, seg, num_segments=n)  # noqa: E731
+    score = jnp.where(f["valid"], f["score"], -jnp.inf)
+    best = jax.ops.segment_max(score, seg, num_segments=n)[seg]
+    pivot = jax.ops.segment_min(jnp.where(score == best, jnp.arange(n), n), seg, num_segments=n)  # first best
+    d2 = ((k32 - k32[pivot[seg]]) ** 2).sum(-1)
+    if sigma == "mean":
+        size = jnp.maximum(segsum(jnp.ones(n)), 1.0)
+        sig = (segsum(jnp.sqrt(d2)) / size / math.sqrt(2.0))[seg]
+    else:
+        sig = jnp.full(n, float(sigma))
+    g = jnp.where(d2 > 0, jnp.exp(-d2 / (2 * jnp.maximum(sig, 1e-30) ** 2)), 1.0)
+    w = g / segsum(g)[seg]
+    return dict(
+        k=segsum(w[:, None] * k32).astype(f["k"].dtype),
+        v=segsum(w[:, None] * f["v"].astype(jnp.float32)).astype(f["v"].dtype),
+        pos=f["pos"][jnp.minimum(pivot, n - 1)],  # empty sets (ids past the last) point anywhere
+        valid=segsum(f["valid"].astype(jnp.int32)) > 0,
+        score=segsum(jnp.where(f["valid"], f["score"], 0.0)),
+        protected=segsum(f["protected"].astype(jnp.int32)) > 0,
+    )
