@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import pathlib
 import platform
 import random
 import statistics
@@ -25,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
+
+from experiments.results import write_json
 
 import kvjax
 from kvjax.run import forward_chunk
@@ -117,11 +117,8 @@ def main(argv=None):
     for r in rows:
         speedup = f"{r['speedup_vs_full']:.2f}" if r["speedup_vs_full"] else "-"
         print(f"{r['policy']:<8} {r['seen']:>7} {r['capacity']:>7} {r['cache_bytes'] / 2**20:>10.2f} {r['step_ms']:>8.3f} {r['vs_first_context']:>6.2f} {speedup:>11}")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(model=BENCH_MODEL.__dict__, device=str(jax.devices()[0]), machine=platform.machine(), jax=jax.__version__, steps=args.steps)
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, dict(meta=meta, rows=rows))
     return rows
 
 

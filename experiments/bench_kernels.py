@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import pathlib
 import platform
 import statistics
 import time
@@ -25,6 +23,8 @@ import time
 import jax
 import jax.numpy as jnp
 from tqdm import tqdm
+
+from experiments.results import write_json
 
 from pallas_kernels import cache_attention, cache_attention_reference
 
@@ -102,12 +102,9 @@ def main(argv=None):
     for r in rows:
         print(f"{r['kind']:<8} {r['capacity']:>6} {r['impl']:<7} {str(r['stats']):<6} {r['ms']:>9.3f} "
               f"{r['bytes_per_s'] / 1e9:>8.2f} {r['of_copy_bandwidth']:>8.2f} {r['flop_per_s'] / 1e9:>8.1f}")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=str(jax.devices()[0]), machine=platform.machine(), jax=jax.__version__, dtype=jnp.dtype(dtype).name,
                 copy_bytes_per_s=bandwidth, **{k: v for k, v in vars(args).items() if k != "out"})
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, dict(meta=meta, rows=rows))
     return rows
 
 

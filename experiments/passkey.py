@@ -10,13 +10,12 @@ continuation contains the digits. Rows of one length run as one batch.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
 import numpy as np
 from tqdm import tqdm
 
 import kvjax
+from experiments.results import write_json
 from experiments.texts import essays_dir
 from models import load
 
@@ -74,10 +73,7 @@ def main(argv=None):
         results[name] = run(model, tokenizer, policy_for, lengths=args.lengths, depths=args.depths, trials=args.trials)
         for r in results[name]:
             print(f"{name:<14} length {r['length']:>5} depth {r['depth']:.1f}: {r['accuracy']:.0%} of {r['trials']}")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(model=args.model, capacity_fraction=args.capacity, results=results), indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, dict(model=args.model, capacity_fraction=args.capacity, results=results))
     return results
 
 

@@ -3,7 +3,8 @@
 For each policy and budget: the streaming perplexity of the context's second
 half (every token predicted from the compressed cache of everything before it),
 passkey accuracy at the same length, and the cache bytes. Writes JSON and a
-plot of quality against cache bytes, one line per policy.
+plot of quality against cache bytes, one line per policy. POD's layer blocks
+are calibrated first on a different essay (`kvjax.calibrate.pod_blocks`).
 
     python -m experiments.seed_methods [--context 2048] [--budgets 0.25 0.5] [--trials 4]
 """
@@ -11,7 +12,6 @@ plot of quality against cache bytes, one line per policy.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
@@ -20,15 +20,18 @@ from tqdm import tqdm
 
 import kvjax
 from experiments import passkey
+from experiments.results import write_json
 from experiments.texts import essay
 from models import load
 
-POLICIES = ["full", "streaming_llm", "h2o", "tova", "snapkv", "kvmerger", "bct"]
+POLICIES = ["full", "streaming_llm", "h2o", "tova", "snapkv", "kvmerger", "pod", "bct"]
 
 
-def make(name: str, capacity: int, num_layers: int) -> kvjax.Policy:
+def make(name: str, capacity: int, num_layers: int, owners) -> kvjax.Policy:
     if name == "kvmerger":
         return kvjax.policies.make(name, capacity=capacity, num_layers=num_layers)
+    if name == "pod":
+        return kvjax.policies.make(name, capacity=capacity, owners=owners)
     return kvjax.policies.make(name, capacity=capacity)
 
 
@@ -66,6 +69,7 @@ def main(argv=None):
     parser.add_argument("--policies", nargs="+", default=POLICIES, choices=kvjax.policies.names())
     parser.add_argument("--trials", type=int, default=4, help="passkey trials per depth")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    parser.add_argument("--pod-delta", type=float, default=0.5, help="POD's block similarity threshold")
     parser.add_argument("--out", default="results/seed_methods.json")
     args = parser.parse_args(argv)
 
@@ -74,11 +78,17 @@ def main(argv=None):
     text = np.asarray(tokenizer.encode(essay("worked")))[None, : args.context]
     if text.shape[1] < args.context:
         raise ValueError(f"the essay has {text.shape[1]} tokens, fewer than --context {args.context}")
+    owners = None
+    if "pod" in args.policies:
+        calib = np.asarray(tokenizer.encode(essay("founders")))[None, :1024]
+        owners = kvjax.calibrate.pod_blocks(model, calib, delta=args.pod_delta, sinks=16, window=64, queries=64, chunk_size=128)
+        shared = sum(o != layer for layer, row in enumerate(owners) for o in row)
+        print(f"POD blocks (delta {args.pod_delta}): {shared} of {len(owners) * len(owners[0])} (layer, head) pairs read another layer's distant keys")
     jobs = [("full", 1.0)] + [(p, b) for p in args.policies if p != "full" for b in args.budgets]
     rows = []
     for name, budget in tqdm(jobs, desc="policies x budgets", unit="run"):
         capacity = int(budget * args.context)
-        policy = make(name, capacity + (8 if name == "full" else 0), layers)
+        policy = make(name, capacity + (8 if name == "full" else 0), layers, owners)
         start = time.perf_counter()
         ppl = kvjax.evaluate.perplexity(model, text, policy=policy, chunk_size=256, start=args.context // 2)
         keys = passkey.run(model, tokenizer, lambda length, policy=policy: policy, lengths=[args.context], depths=args.depths, trials=args.trials)
@@ -86,10 +96,8 @@ def main(argv=None):
                          perplexity=ppl, passkey=float(np.mean([r["accuracy"] for r in keys])), passkey_by_depth=keys,
                          seconds=time.perf_counter() - start))
         tqdm.write(f"{name:<14} {budget:>5.0%} ppl {ppl:8.3f}  passkey {rows[-1]['passkey']:.0%}")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(model=args.model, context=args.context, trials=args.trials, depths=args.depths, rows=rows), indent=2))
-    print(f"wrote {out}")
+    out = write_json(args.out, dict(model=args.model, context=args.context, trials=args.trials, depths=args.depths,
+                                    pod_owners=owners, rows=rows))
     plot(rows, out.with_suffix(".png"))
     return rows
 

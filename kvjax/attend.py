@@ -67,10 +67,15 @@ def attend(
     k_attend = k_slots if cache_rot_pos is None else rope(k_slots, cache_rot_pos)
     k_store = k if policy.rotate_at_cache_position else k_rot
 
+    keys, values, visible, key_pos = k_attend, v_slots, valid, pos
+    if policy.shares_keys:  # POD: the distant ring, keys from each head's block owner
+        dk, dv, dvalid, dpos = policy.distant_view(cache.distant, layer)
+        keys, values = jnp.concatenate([keys, dk], 2), jnp.concatenate([values, dv], 2)
+        visible, key_pos = jnp.concatenate([visible, dvalid], 2), jnp.concatenate([key_pos, dpos], 2)
     out, mass = attention(
-        q, k_attend, v_slots, valid, k_rot, v, step.new_valid,
+        q, keys, values, visible, k_rot, v, step.new_valid,
         scale=scale, softcap=softcap, stat_weights=policy.stat_weights(step), impl=step.impl,
-        max_distance=policy.max_distance, cache_pos=pos, q_pos=step.positions,
+        max_distance=policy.max_distance, cache_pos=key_pos, q_pos=step.positions,
     )
 
     # Candidates: the layer's slots, then the chunk's tokens, per KV head.
@@ -89,7 +94,12 @@ def attend(
         group=q.shape[2] // h,
     )
     new_score = policy.score(cand, step, layer).astype(jnp.float32)
-    rank = select.rank(new_score, cand.valid, policy.protected(cand.pos, cand.valid, step))
+    protected = policy.protected(cand.pos, cand.valid, step)
+    rank = select.rank(new_score, cand.valid, protected)
+    if policy.shares_keys:  # tokens leaving the proximal window enter the distant ring
+        ring = policy.push(cache.distant[layer], layer, jnp.concatenate([k_slots, new_k], 2),
+                           jnp.concatenate([v_slots, new_v], 2), cand.pos, cand.valid & ~protected)
+        cache = cache.replace(distant=cache.distant[:layer] + (ring,) + cache.distant[layer + 1 :])
 
     if policy.merges:  # merging policies rewrite slots, so they see every candidate
         fields = dict(k=jnp.concatenate([k_slots, new_k], 2), v=jnp.concatenate([v_slots, new_v], 2),

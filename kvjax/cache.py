@@ -48,10 +48,15 @@ class LayerCache:
 
 @struct.dataclass
 class KVCache:
-    """The caches of all layers plus `seen` [batch]: tokens consumed so far."""
+    """The caches of all layers plus `seen` [batch]: tokens consumed so far.
+
+    `distant` is policy state beside the slots, one entry per layer, for
+    policies that need it (POD's distant ring); empty otherwise.
+    """
 
     layers: tuple[LayerCache, ...]
     seen: Int[Array, " B"]
+    distant: tuple = ()
 
     @property
     def num_layers(self) -> int:

@@ -3,11 +3,21 @@
 `merge_profile` is KVMerger's (arXiv 2407.08454, spec §2): key similarity between
 neighbouring tokens is a property of the model, not of the data, so the
 mergeable fraction of each layer is measured once and sets per-layer budgets.
+
+`pod_blocks` is POD's (arXiv 2412.02252, spec §4): per KV head, consecutive
+layers whose attention over distant tokens is similar (1 - Jensen-Shannon
+divergence, base 2, so in [0, 1]) form a block that shares the lowest layer's
+distant keys; greedy, bottom-up, a layer joins the open block while its
+similarity to the block's first layer is >= delta (0.5). Attention is the mass
+the last `queries` tokens give each key, summed over the query heads of the KV
+group (our reading for GQA).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax.policies import make
+from kvjax.policies.full import Full
 from kvjax.policies.merging import cosine
 from kvjax.protocol import CachedDecoder
 from kvjax.run import pad_to_chunks, prefill
@@ -54,3 +65,84 @@ def merge_profile(model: CachedDecoder, tokens, *, threshold: float = 0.9, chunk
         similar = (cosine(k[..., 1:, :], k[..., :-1, :]) > threshold) & pair_ok
         fractions.append(float(similar.sum() / pair_ok.sum()))
     return MergeProfile(threshold, tuple(np.round(fractions, 6).tolist()))
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttentionProbe(Full):
+    """The full cache, scoring each key by the attention mass it gets from queries at positions >= `after`."""
+
+    after: int = 0
+
+    name = "attention_probe"
+    stats = "all"
+
+    def stat_weights(self, step):
+        return (step.new_valid & (step.positions >= self.after)).astype(jnp.float32)
+
+    def score(self, cand, step, layer):
+        return cand.score + cand.mass
+
+
+def attention_profile(model: CachedDecoder, tokens, *, queries: int = 64, chunk_size: int = 64) -> np.ndarray:
+    """[layers, batch, kv_heads, T]: attention mass of the last `queries` tokens on every key."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    t = tokens.shape[1]
+    if not 0 < queries < t:
+        raise ValueError(f"queries must be in 1..{t - 1} for {t} tokens, got {queries}")
+    padded, valid = pad_to_chunks(tokens, jnp.ones(tokens.shape, bool), chunk_size)
+    probe = _AttentionProbe(capacity=padded.shape[1], after=t - queries)
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda st, c: prefill(nnx.merge(graphdef, st), padded, valid, c, probe, jax.random.key(0), chunk_size=chunk_size))
+    _, cache = run(state, model.cache_spec().init(probe, tokens.shape[0]))
+    out = []
+    for lc in cache.layers:
+        order = jnp.argsort(jnp.where(lc.valid, lc.pos, jnp.iinfo(jnp.int32).max), axis=-1)[..., :t]
+        out.append(np.asarray(jnp.take_along_axis(lc.score, order, -1)))
+    return np.stack(out)
+
+
+def js_similarity(p: np.ndarray, q: np.ndarray) -> float:
+    """1 - Jensen-Shannon divergence (base 2) of two distributions: 1 identical, 0 disjoint."""
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+    kl = lambda a: float(np.sum(np.where(a > 0, a * np.log2(np.where(a > 0, a, 1) / np.where(m > 0, m, 1)), 0.0)))  # noqa: E731
+    return 1.0 - (kl(p) + kl(q)) / 2
+
+
+def group_layers(distributions: np.ndarray, delta: float = 0.5) -> tuple[tuple[int, ...], ...]:
+    """Greedy consecutive blocks per head from [layers, heads, keys] distributions: owners[l][h]."""
+    layers, heads, _ = distributions.shape
+    owners = [[0] * heads for _ in range(layers)]
+    for h in range(heads):
+        start = 0
+        for layer in range(1, layers):
+            if js_similarity(distributions[start, h], distributions[layer, h]) < delta:
+                start = layer
+            owners[layer][h] = start
+    return tuple(tuple(row) for row in owners)
+
+
+def pod_blocks(model: CachedDecoder, tokens, *, delta: float = 0.5, sinks: int = 16, window: int = 64,
+               queries: int = 64, chunk_size: int = 64) -> tuple[tuple[int, ...], ...]:
+    """POD's layer blocks for `kvjax.policies.make("pod", owners=...)`, from calibration tokens.
+
+    Distant keys are those after the first `sinks` and before the last `queries + window` positions.
+    """
+    mass = attention_profile(model, tokens, queries=queries, chunk_size=chunk_size)  # [L, B, H, T]
+    t = mass.shape[-1]
+    if t - queries - window <= sinks:
+        raise ValueError(f"{t} calibration tokens leave no distant tokens after sinks={sinks}, window={window}, queries={queries}")
+    distant = mass[..., sinks : t - queries - window].sum(1) + 1e-12  # summed over rows: [L, H, distant keys]
+    return group_layers(distant, delta)
+
+
+def save_blocks(path, owners) -> None:
+    pathlib.Path(path).write_text(json.dumps({"owners": [list(row) for row in owners]}))
+
+
+def load_blocks(path) -> tuple[tuple[int, ...], ...]:
+    try:
+        data = json.loads(pathlib.Path(path).read_text())
+        return tuple(tuple(int(o) for o in row) for row in data["owners"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a POD blocks file (expected {{'owners': [[...], ...]}}): {err}") from err

@@ -127,7 +127,8 @@ def plan_capacity(
     spec = _spec(model)
     if (budget is None) == (tokens is None):
         raise ValueError("plan_capacity: give exactly one of budget=<bytes or '256MiB'> or tokens=<slots per layer>")
-    policies.make(policy, capacity=2**24, **options)  # unknown names and options fail here, by name
+    if policies.make(policy, capacity=2**24, **options).shares_keys:  # unknown names and options fail here, by name
+        raise ValueError(f"plan_capacity: {policy} slots do not all cost the same (shared keys); give it a capacity directly")
     windows = spec.sliding_windows or (None,) * spec.num_layers
     per_slot = slot_bytes(spec, batch)
     fixed = sum(w - 1 for w in windows if w is not None) * per_slot + 4 * batch  # window layers + `seen`

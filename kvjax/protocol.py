@@ -36,10 +36,16 @@ class CacheSpec:
 
     def init(self, policy: Policy, batch: int) -> KVCache:
         """An empty cache sized by the (resolved) policy's static slot counts."""
-        return init_cache(
-            slots=self.resolve(policy).layer_slots(self.num_layers), num_layers=self.num_layers, batch=batch,
+        resolved = self.resolve(policy)
+        cache = init_cache(
+            slots=resolved.layer_slots(self.num_layers), num_layers=self.num_layers, batch=batch,
             kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=jnp.dtype(self.dtype),
         )
+        if policy.shares_keys:
+            if resolved is not policy:
+                raise ValueError(f"{policy.name}: models with sliding-window layers are not supported")
+            cache = cache.replace(distant=policy.init_distant(self.num_layers, batch, self.kv_heads, self.head_dim, jnp.dtype(self.dtype)))
+        return cache
 
 
 class CachedDecoder(Protocol):

@@ -50,7 +50,7 @@ def run_layers(policy, q, k, v, valid, key, *, chunk):
     """
     n_layers, b, t, hq, d = q.shape
     h = k.shape[3]
-    cache = kvjax.init_cache(slots=policy.layer_slots(n_layers), num_layers=n_layers, batch=b, kv_heads=h, head_dim=d)
+    cache = kvjax.CacheSpec(num_layers=n_layers, kv_heads=h, head_dim=d).init(policy, b)
     keys = jax.random.split(key, t // chunk)
 
     def body(cache, xs):

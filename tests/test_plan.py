@@ -68,6 +68,8 @@ def test_plan_errors():
         plan_capacity(CFG, "1MiB", policy="lru")
     with pytest.raises(ValueError, match="3 weights, the model has 4 layers"):
         plan_capacity(CFG, "1MiB", per_layer=[1, 2, 3])
+    with pytest.raises(ValueError, match="do not all cost the same"):
+        plan_capacity(CFG, "1MiB", policy="pod")
     with pytest.raises(TypeError, match="needs a model, a model config or a CacheSpec"):
         plan_capacity("llama", "1MiB")
 

@@ -22,6 +22,7 @@ def make_policy(name: str, capacity: int, layers: int = 1, rerotate: bool = Fals
         "pyramidkv": dict(window=1, kernel=3, num_layers=layers, beta=2.0),
         "bct": dict(sinks=1, window=1),
         "kvmerger": dict(protect=1, num_layers=layers, exclude_layers=(1,)),  # layer 0 merges, layer 1 evicts
+        "pod": dict(sinks=1, window=1, owners=((0,), (0,)) if layers == 2 else None),  # layer 1 reads layer 0's distant keys
     }.get(name, {})
     return kvjax.policies.make(name, capacity=capacity, **options)
 
@@ -122,4 +123,7 @@ def test_capacity_at_least_length_is_full_attention(name, length, chunk, rerotat
     ref = full_attention(q[0, 0, :length], k[0, 0, :length], v[0, 0, :length])
     np.testing.assert_allclose(np.asarray(outs[0, 0, :length]), ref, rtol=1e-4, atol=1e-5)
     lc = cache.layers[0]
-    assert set(np.asarray(lc.pos[0, 0])[np.asarray(lc.valid[0, 0])]) == set(range(length))
+    kept = list(np.asarray(lc.pos[0, 0])[np.asarray(lc.valid[0, 0])])
+    if cache.distant:  # POD: proximal slots + the distant ring
+        kept += list(np.asarray(cache.distant[0].pos[0, 0])[np.asarray(cache.distant[0].valid[0, 0])])
+    assert sorted(kept) == list(range(length))

@@ -11,6 +11,7 @@ from kvjax.policies.h2o import H2O
 from kvjax.policies.knorm import KNorm
 from kvjax.policies.kvmerger import KVMerger
 from kvjax.policies.per_layer import PerLayer
+from kvjax.policies.pod import POD
 from kvjax.policies.pyramidkv import PyramidKV, pyramid_budgets
 from kvjax.policies.random import Random
 from kvjax.policies.snapkv import SnapKV
@@ -18,7 +19,7 @@ from kvjax.policies.tova import TOVA
 from kvjax.policies.window import StreamingLLM, Window
 
 REGISTRY: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, Window, StreamingLLM, H2O, TOVA, SnapKV, PyramidKV, KNorm, Random, BCT, KVMerger)
+    cls.name: cls for cls in (Full, Window, StreamingLLM, H2O, TOVA, SnapKV, PyramidKV, KNorm, Random, BCT, KVMerger, POD)
 }
 
 

@@ -92,6 +92,7 @@ class Policy:
     rotate_at_cache_position: ClassVar[bool] = False  # keys stored before RoPE
     max_distance: ClassVar[int | None] = None  # attention masks keys further back (sliding window)
     merges: ClassVar[bool] = False  # slots are rewritten by `merge`, not kept by rank
+    shares_keys: ClassVar[bool] = False  # attends over other layers' state in `KVCache.distant` (POD)
 
     def __post_init__(self):
         for field, lowest in (("capacity", 1), ("sinks", 0), ("window", 0)):
