@@ -78,6 +78,12 @@ def attend(
         max_distance=policy.max_distance, cache_pos=key_pos, q_pos=step.positions,
     )
 
+    ring_mass = None
+    if policy.shares_keys and mass is not None:  # mass over (slots, ring, chunk): the ring's goes to the ring
+        c, r = lc.slots, dk.shape[2]
+        ring_mass = jnp.concatenate([mass[..., c : c + r], mass[..., :c], mass[..., c + r :]], -1)
+        mass = jnp.concatenate([mass[..., :c], mass[..., c + r :]], -1)
+
     # Candidates: the layer's slots, then the chunk's tokens, per KV head.
     new_k = k_store.transpose(0, 2, 1, 3)  # [B, H, S, D]
     new_v = v.transpose(0, 2, 1, 3)
@@ -96,9 +102,9 @@ def attend(
     new_score = policy.score(cand, step, layer).astype(jnp.float32)
     protected = policy.protected(cand.pos, cand.valid, step)
     rank = select.rank(new_score, cand.valid, protected)
-    if policy.shares_keys:  # tokens leaving the proximal window enter the distant ring
-        ring = policy.push(cache.distant[layer], layer, jnp.concatenate([k_slots, new_k], 2),
-                           jnp.concatenate([v_slots, new_v], 2), cand.pos, cand.valid & ~protected)
+    if policy.shares_keys:  # tokens leaving the proximal window may enter the distant ring
+        ring = policy.update(cache.distant, layer, jnp.concatenate([k_slots, new_k], 2), jnp.concatenate([v_slots, new_v], 2),
+                             cand.pos, cand.valid & ~protected, ring_mass, step)
         cache = cache.replace(distant=cache.distant[:layer] + (ring,) + cache.distant[layer + 1 :])
 
     if policy.merges:  # merging policies rewrite slots, so they see every candidate

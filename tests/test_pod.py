@@ -113,3 +113,60 @@ def test_pod_blocks_from_the_tiny_model_round_trip(tmp_path):
     policy = pod(64, sinks=4, window=8, owners=owners)
     out = kvjax.generate(model, tokens[:, :40], policy=policy, max_new_tokens=4)
     assert out.cache.nbytes <= model.cache_spec().init(pod(64, sinks=4, window=8), 1).nbytes
+
+
+def test_training_attention_equals_the_decode_cache_path():
+    """The fine-tuning path (full sequence, one masked softmax) equals step-by-step decoding
+    through the POD cache when the ring holds every distant token; sharing is really used."""
+    from kvjax.policies.pod import train_attention
+
+    sinks, window, t_len = 2, 3, 16
+    owners = ((0, 0), (1, 0))
+    q, k, v = random_qkv(5, layers=2, length=t_len, q_heads=4, kv_heads=2)
+    cache_out, _, _ = run_layers(pod(40, sinks=sinks, window=window, owners=owners), q, k, v, jnp.ones((1, t_len), bool), jax.random.key(0), chunk=1)
+    pos = jnp.arange(t_len)[None, :, None]
+    rope = kvjax.Rope(theta=10_000.0)
+    rot = [rope(jnp.asarray(k[layer]), pos) for layer in range(2)]
+    for layer in range(2):
+        k_owner = jnp.stack([rot[owners[layer][h]][:, :, h] for h in range(2)], 2)
+        out = train_attention(rope(jnp.asarray(q[layer]), pos), rot[layer], k_owner, jnp.asarray(v[layer]),
+                              sinks=sinks, window=window, scale=q.shape[-1] ** -0.5)
+        np.testing.assert_allclose(out, cache_out[layer], rtol=1e-5, atol=1e-5)
+    unshared = train_attention(rope(jnp.asarray(q[1]), pos), rot[1], rot[1], jnp.asarray(v[1]), sinks=sinks, window=window, scale=q.shape[-1] ** -0.5)
+    assert np.abs(np.asarray(unshared) - np.asarray(cache_out[1])).max() > 1e-3  # layer 1 head 1 reads layer 0's keys
+
+
+def test_pod_with_snapkv_keeps_the_best_voted_distant_tokens():
+    """POD + SnapKV: the distant ring keeps the tokens the observation window votes for
+    (pooled over the distant tokens in position order), per KV head."""
+    sinks, window, ring, obs, kernel, t_len = 2, 4, 6, 5, 3, 24
+    policy = pod(sinks + window + ring, sinks=sinks, window=window, select="snapkv", select_window=obs, select_kernel=kernel)
+    q, k, v = random_qkv(8, length=t_len, q_heads=4, kv_heads=2)
+    _, cache, _ = run_layers(policy, q, k, v, jnp.ones((1, t_len), bool), jax.random.key(0), chunk=t_len)
+    d = q.shape[-1]
+    qr, kr = np_rope(q[0, 0], np.arange(t_len)[:, None]), np_rope(k[0, 0], np.arange(t_len)[:, None])
+    distant = list(range(sinks, t_len - window))
+    for h in range(2):
+        votes = np.zeros(t_len)
+        for qh in (2 * h, 2 * h + 1):
+            for i in range(t_len - obs, t_len):
+                votes[: i + 1] += np_softmax(kr[: i + 1, h] @ qr[i, qh] / np.sqrt(d)) / obs
+        padded = np.concatenate([np.zeros(kernel // 2), votes[distant], np.zeros(kernel // 2)])
+        pooled = [padded[i : i + kernel].mean() for i in range(len(distant))]
+        want = sorted(distant[i] for i in sorted(range(len(distant)), key=lambda i: (-pooled[i], -i))[:ring])
+        ring_h = cache.distant[0]
+        assert sorted(np.asarray(ring_h.pos[0, h])[np.asarray(ring_h.valid[0, h])].tolist()) == want
+
+
+def test_shared_rings_follow_their_owner_with_selection():
+    """With selection on top, a non-owner layer holds exactly its owner's distant tokens, with its own values."""
+    policy = pod(12, sinks=1, window=3, owners=((0, 0), (0, 1)), select="snapkv", select_window=4)
+    q, k, v = random_qkv(9, layers=2, length=32, q_heads=2, kv_heads=2)
+    valid = jnp.ones((1, 32), bool)
+    for chunk in (8, 1):
+        _, cache, _ = run_layers(policy, q, k, v, valid, jax.random.key(0), chunk=chunk)
+        own, shared = (jax.tree.map(np.asarray, cache.distant[i]) for i in (0, 1))
+        np.testing.assert_array_equal(own.pos[0, 0][own.valid[0, 0]], shared.pos[0, 0][shared.valid[0, 0]])
+        assert own.valid[0, 0].sum() == 8
+        for s in np.flatnonzero(shared.valid[0, 0]):
+            np.testing.assert_array_equal(shared.v[0, 0, s], v[1, 0, shared.pos[0, 0, s], 0])

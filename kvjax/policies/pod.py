@@ -16,32 +16,44 @@ per head that layer l owns, and the cache bytes show the saving. Blocks come
 from `kvjax.calibrate.pod_blocks` (Jensen-Shannon similarity, greedy
 consecutive grouping); `owners=None` gives blocks of size one (no sharing).
 
+Token selection on top (the paper's POD + SnapKV, `select="snapkv"`): the
+block owner chooses which distant tokens stay in the ring by SnapKV's votes
+(the attention of the last `select_window` prompt queries, average-pooled
+along positions over the distant tokens; re-voted each prefill chunk, frozen
+during decode, where generated tokens leaving the window are dropped first).
+Without it the ring keeps the newest tokens. Other layers of the block hold the
+same tokens as their owner, found by position, with their own values.
+
 Deviations, named: the paper keeps every distant token; with a predefined
-capacity the distant ring drops the oldest. In the step a distant slot is
-overwritten, non-owner layers (which run after their owner) no longer see the
-token it held, one step before they would lose it anyway. Token selection on
-top of POD (POD + SnapKV) is not implemented.
+capacity the ring must drop some. Non-owner layers run after their owner, so
+in the step the owner drops a token they no longer see it either (one step
+early). `train_attention` is the full-sequence path for fine-tuning; the
+retrofit training loop itself is issue 6's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
+from kvjax import select
 from kvjax.policies.base import Policy
+from kvjax.policies.snapkv import pool_by_position
 
 
 @struct.dataclass
 class DistantCache:
-    """One layer's distant ring: k [B, owned heads, R, D], v [B, H, R, D], pos and valid [B, H, R]."""
+    """One layer's distant ring: k [B, owned heads, R, D], v [B, H, R, D], pos, valid, score [B, H, R]."""
 
     k: Float[Array, "B O R D"]
     v: Float[Array, "B H R D"]
     pos: Int[Array, "B H R"]
     valid: Bool[Array, "B H R"]
+    score: Float[Array, "B H R"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +63,9 @@ class POD(Policy):
     sinks: int = 16  # n_s of the paper
     window: int | None = None  # default capacity // 4
     owners: tuple[tuple[int, ...], ...] | None = None  # owners[l][h], or owners[l] = (o,) for all heads
+    select: str | None = None  # None: the ring keeps the newest; "snapkv": POD + SnapKV
+    select_window: int = 64  # SnapKV's observation window
+    select_kernel: int = 5  # SnapKV's pooling kernel
 
     name = "pod"
     shares_keys = True
@@ -66,6 +81,8 @@ class POD(Policy):
                 heads = max(len(row), *(len(self.owners[o]) for o in row))
                 if any(self.owner(o, heads)[h] != o for h, o in enumerate(self.owner(layer, heads))):
                     raise ValueError(f"pod: owners[{layer}]={row} names a layer that does not store its own keys")
+        if self.select not in (None, "snapkv"):
+            raise ValueError(f"pod: select must be None or 'snapkv', got {self.select!r}")
         super().__post_init__()
 
     @property
@@ -96,6 +113,14 @@ class POD(Policy):
         """Heads whose distant keys `layer` stores."""
         return tuple(h for h, o in enumerate(self.owner(layer, kv_heads)) if o == layer)
 
+    def stat_weights(self, step):
+        """With `select="snapkv"`, prefill chunks vote with their last `select_window` queries."""
+        if self.select is None or not step.prefill:
+            return None
+        from_end = jnp.cumsum(step.new_valid[:, ::-1], axis=-1)[:, ::-1]
+        obs = step.new_valid & (from_end <= self.select_window)
+        return obs / jnp.maximum(obs.sum(-1, keepdims=True), 1)
+
     def init_distant(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> tuple[DistantCache, ...]:
         lead = (batch, kv_heads, self.ring)
         return tuple(
@@ -104,33 +129,91 @@ class POD(Policy):
                 v=jnp.zeros(lead + (head_dim,), dtype),
                 pos=jnp.full(lead, -1, jnp.int32),
                 valid=jnp.zeros(lead, bool),
+                score=jnp.zeros(lead, jnp.float32),
             )
             for layer in range(num_layers)
         )
 
     def distant_view(self, distant: tuple[DistantCache, ...], layer: int):
-        """Keys (from each head's owner), own values and the mask layer `layer` attends over."""
+        """Keys (each head's owner's key for the same token), own values, mask and positions of the ring."""
         mine = distant[layer]
         heads = mine.v.shape[1]
-        keys, fresh = [], []
+        keys, seen = [], []
         for h, o in enumerate(self.owner(layer, heads)):
-            row = self.owned(o, heads).index(h)
-            keys.append(distant[o].k[:, row])
-            fresh.append(distant[o].pos[:, h] == mine.pos[:, h])  # a slot its owner overwrote this step is stale here
-        return jnp.stack(keys, 1), mine.v, mine.valid & jnp.stack(fresh, 1), mine.pos
+            owner_k = distant[o].k[:, self.owned(o, heads).index(h)]
+            if o == layer:
+                keys.append(owner_k)
+                seen.append(mine.valid[:, h])
+                continue
+            # the owner ran first in this step: find each of our tokens in its ring (evicted ones are gone)
+            match = (mine.pos[:, h, :, None] == distant[o].pos[:, h, None, :]) & distant[o].valid[:, h, None, :]
+            keys.append(jnp.take_along_axis(owner_k, jnp.argmax(match, -1)[..., None], 1))
+            seen.append(mine.valid[:, h] & match.any(-1))
+        return jnp.stack(keys, 1), mine.v, jnp.stack(seen, 1), mine.pos
 
-    def push(self, d: DistantCache, layer: int, k, v, pos, leaving) -> DistantCache:
-        """Write the tokens leaving the window ([B, H, N] candidates) into the ring at pos mod R."""
-        ring = self.ring
-        newest = jnp.where(leaving, pos, -1).max(-1, keepdims=True)
-        write = leaving & (pos > newest - ring)  # if more than R leave at once, the newest R
-        slot = jnp.where(write, pos % ring, ring)  # ring = out of range: no write
-        b, h, _ = pos.shape
-        bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
-        owned = jnp.asarray(self.owned(layer, h), jnp.int32)
-        return DistantCache(
-            k=d.k.at[bi, jnp.arange(len(owned))[None, :, None], slot[:, owned]].set(k[:, owned], mode="drop"),
-            v=d.v.at[bi, hi, slot].set(v, mode="drop"),
-            pos=d.pos.at[bi, hi, slot].set(pos, mode="drop"),
-            valid=d.valid.at[bi, hi, slot].set(True, mode="drop"),
-        )
+    def update(self, distant: tuple[DistantCache, ...], layer: int, k, v, pos, leaving, mass, step) -> DistantCache:
+        """The ring after this step. k, v, pos, leaving: the proximal candidates [B, H, N(, D)] and
+        which of them leave the window; mass: attention mass on (ring, candidates) or None.
+
+        Heads this layer owns choose the ring's tokens (the newest, or by SnapKV votes);
+        the other heads take their owner's choice, matched by position, with their own values."""
+        d = distant[layer]
+        heads = d.v.shape[1]
+        cpos = jnp.concatenate([d.pos, pos], 2)
+        cvalid = jnp.concatenate([d.valid, leaving], 2)
+        if self.select is None:
+            score = cpos.astype(jnp.float32)  # first in, first out
+        elif step.prefill:  # SnapKV: re-vote ring and leaving tokens, pooled along positions
+            score = pool_by_position(jnp.where(cvalid, mass, 0.0), cpos, cvalid, self.select_kernel)
+        else:  # decode: the prompt's votes stay; generated tokens leaving the window are dropped first
+            score = jnp.concatenate([d.score, jnp.full(pos.shape, -1.0)], 2)
+        rank = select.rank(score, cvalid, jnp.zeros_like(cvalid))
+        keep = jnp.lexsort((cpos, rank), axis=-1)[..., -self.ring :]
+        take = lambda x, i: jnp.take_along_axis(x, i if x.ndim == i.ndim else i[..., None], 2)  # noqa: E731
+        cv = jnp.concatenate([d.v, v], 2)
+        new = dict(v=take(cv, keep), pos=take(cpos, keep), valid=take(cvalid, keep), score=take(score, keep))
+        mirror = [h for h, o in enumerate(self.owner(layer, heads)) if o != layer]
+        if mirror:
+            target = jnp.stack([distant[self.owner(layer, heads)[h]].pos[:, h] for h in mirror], 1)
+            target_ok = jnp.stack([distant[self.owner(layer, heads)[h]].valid[:, h] for h in mirror], 1)
+            target_score = jnp.stack([distant[self.owner(layer, heads)[h]].score[:, h] for h in mirror], 1)
+            idx = jnp.asarray(mirror)
+            match = (target[..., :, None] == cpos[:, idx, None, :]) & cvalid[:, idx, None, :]
+            src = jnp.argmax(match, -1)
+            new["v"] = new["v"].at[:, idx].set(take(cv[:, idx], src))
+            new["pos"] = new["pos"].at[:, idx].set(target)
+            new["valid"] = new["valid"].at[:, idx].set(target_ok & match.any(-1))
+            new["score"] = new["score"].at[:, idx].set(target_score)
+        owned = jnp.asarray(self.owned(layer, heads), jnp.int32)
+        new["k"] = take(jnp.concatenate([d.k, k[:, owned]], 2), keep[:, owned])
+        return DistantCache(**new)
+
+
+def train_attention(
+    q: Float[Array, "B T Hq D"],
+    k: Float[Array, "B T H D"],
+    k_owner: Float[Array, "B T H D"],
+    v: Float[Array, "B T H D"],
+    *,
+    sinks: int,
+    window: int,
+    scale: float,
+) -> Float[Array, "B T Hq D"]:
+    """POD's full-sequence attention, for fine-tuning (the paper post-trains the model with it).
+
+    Query i attends causally; key j uses this layer's key when it is proximal
+    to i (j < sinks or j >= i - window, the cache's view at decode step i) and
+    the block owner's key `k_owner` (post-RoPE, per KV head) when distant.
+    Equals the decode-time cache path when the ring holds every distant token.
+    """
+    b, t, hq, d = q.shape
+    h = k.shape[2]
+    qg = q.reshape(b, t, h, hq // h, d)
+    own = jnp.einsum("bihgd,bjhd->bhgij", qg, k, preferred_element_type=jnp.float32)
+    shared = jnp.einsum("bihgd,bjhd->bhgij", qg, k_owner, preferred_element_type=jnp.float32)
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    proximal = (j < sinks) | (j >= i - window)
+    logits = jnp.where(j <= i, jnp.where(proximal, own, shared) * scale, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhgij,bjhd->bihgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)
