@@ -42,7 +42,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from kvjax import select
 from kvjax.policies.base import Policy
-from kvjax.policies.snapkv import pool_by_position
+from kvjax.policies.snapkv import observation_weights, pool_by_position
 
 
 @struct.dataclass
@@ -115,11 +115,7 @@ class POD(Policy):
 
     def stat_weights(self, step):
         """With `select="snapkv"`, prefill chunks vote with their last `select_window` queries."""
-        if self.select is None or not step.prefill:
-            return None
-        from_end = jnp.cumsum(step.new_valid[:, ::-1], axis=-1)[:, ::-1]
-        obs = step.new_valid & (from_end <= self.select_window)
-        return obs / jnp.maximum(obs.sum(-1, keepdims=True), 1)
+        return None if self.select is None else observation_weights(step, self.select_window)
 
     def init_distant(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> tuple[DistantCache, ...]:
         lead = (batch, kv_heads, self.ring)

@@ -36,6 +36,15 @@ def pool_by_position(x, pos, valid, kernel: int):
     return jnp.take_along_axis(pooled, jnp.argsort(order, axis=-1), axis=-1)
 
 
+def observation_weights(step, window: int):
+    """Prefill only: the last `window` valid queries of the chunk, each weighted 1/count (their mean)."""
+    if not step.prefill:
+        return None
+    from_end = jnp.cumsum(step.new_valid[:, ::-1], axis=-1)[:, ::-1]
+    obs = step.new_valid & (from_end <= window)
+    return obs / jnp.maximum(obs.sum(-1, keepdims=True), 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SnapKV(Policy):
     window: int = 64  # observation window (kvpress default)
@@ -54,11 +63,7 @@ class SnapKV(Policy):
         return f"sinks={self.sinks} + observation window={self.window}"
 
     def stat_weights(self, step):
-        if not step.prefill:
-            return None
-        from_end = jnp.cumsum(step.new_valid[:, ::-1], axis=-1)[:, ::-1]
-        obs = step.new_valid & (from_end <= self.window)
-        return obs / jnp.maximum(obs.sum(-1, keepdims=True), 1)
+        return observation_weights(step, self.window)
 
     def score(self, cand, step, layer):
         if not step.prefill:
