@@ -29,6 +29,16 @@ from kvjax.policies.full import Full
 from kvjax.policies.merging import cosine
 from kvjax.protocol import CachedDecoder
 from kvjax.run import pad_to_chunks, prefill
+from kvjax.select import position_order
+
+
+def _prefilled(model: CachedDecoder, tokens, policy_for, chunk_size: int):
+    """The cache after a chunked prefill of `tokens` with `policy_for(padded length)`."""
+    padded, valid = pad_to_chunks(tokens, jnp.ones(tokens.shape, bool), chunk_size)
+    policy = policy_for(padded.shape[1])
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda st, c: prefill(nnx.merge(graphdef, st), padded, valid, c, policy, jax.random.key(0), chunk_size=chunk_size))
+    return run(state, model.cache_spec().init(policy, tokens.shape[0]))[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +60,10 @@ def merge_profile(model: CachedDecoder, tokens, *, threshold: float = 0.9, chunk
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [batch, length >= 2], got shape {tokens.shape}")
-    padded, valid = pad_to_chunks(tokens, jnp.ones(tokens.shape, bool), chunk_size)
-    policy = make("full", capacity=padded.shape[1])
-    cache = model.cache_spec().init(policy, tokens.shape[0])
-    graphdef, state = nnx.split(model)
-    run = jax.jit(lambda st, c: prefill(nnx.merge(graphdef, st), padded, valid, c, policy, jax.random.key(0), chunk_size=chunk_size))
-    _, cache = run(state, cache)
+    cache = _prefilled(model, tokens, lambda n: make("full", capacity=n), chunk_size)
     fractions = []
     for lc in cache.layers:
-        order = jnp.argsort(jnp.where(lc.valid, lc.pos, jnp.iinfo(jnp.int32).max), axis=-1)
+        order = position_order(lc.pos, lc.valid)
         k = jnp.take_along_axis(lc.k, order[..., None], 2)
         pair_ok = jnp.take_along_axis(lc.valid, order, 2)
         pair_ok = pair_ok[..., 1:] & pair_ok[..., :-1]
@@ -89,14 +94,10 @@ def attention_profile(model: CachedDecoder, tokens, *, queries: int = 64, chunk_
     t = tokens.shape[1]
     if not 0 < queries < t:
         raise ValueError(f"queries must be in 1..{t - 1} for {t} tokens, got {queries}")
-    padded, valid = pad_to_chunks(tokens, jnp.ones(tokens.shape, bool), chunk_size)
-    probe = _AttentionProbe(capacity=padded.shape[1], after=t - queries)
-    graphdef, state = nnx.split(model)
-    run = jax.jit(lambda st, c: prefill(nnx.merge(graphdef, st), padded, valid, c, probe, jax.random.key(0), chunk_size=chunk_size))
-    _, cache = run(state, model.cache_spec().init(probe, tokens.shape[0]))
+    cache = _prefilled(model, tokens, lambda n: _AttentionProbe(capacity=n, after=t - queries), chunk_size)
     out = []
     for lc in cache.layers:
-        order = jnp.argsort(jnp.where(lc.valid, lc.pos, jnp.iinfo(jnp.int32).max), axis=-1)[..., :t]
+        order = position_order(lc.pos, lc.valid)[..., :t]
         out.append(np.asarray(jnp.take_along_axis(lc.score, order, -1)))
     return np.stack(out)
 

@@ -28,6 +28,11 @@ def rank(
     return jnp.where(valid, r, -jnp.inf)
 
 
+def position_order(pos: Int[Array, "B H N"], valid: Bool[Array, "B H N"]) -> Int[Array, "B H N"]:
+    """Indices that sort candidates by position, empty ones last."""
+    return jnp.argsort(jnp.where(valid, pos, INT_MAX), axis=-1)
+
+
 def select_chunk(fields: dict[str, Array], rank_: Float[Array, "B H N"], slots: int) -> dict[str, Array]:
     """Keep the `slots` best of N candidates.
 

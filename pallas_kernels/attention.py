@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import gpu, tpu
@@ -82,8 +83,6 @@ def cache_attention(
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     if interpret and backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
         interpret = pltpu.InterpretParams()
     b, h, rows, _ = q.shape
     c, s = k_cache.shape[2], k_new.shape[2]

@@ -82,7 +82,7 @@ class KVMerger(Policy):
         return cand.score + cand.mass  # accumulated attention, as H2O
 
     def merge(self, fields, cand, step, layer, slots):
-        order = jnp.argsort(jnp.where(fields["valid"], fields["pos"], select.INT_MAX), axis=-1)
+        order = select.position_order(fields["pos"], fields["valid"])
         f = {n: jnp.take_along_axis(x, order if x.ndim == 3 else order[..., None], 2) for n, x in fields.items()}
         protected = self.protected(f["pos"], f["valid"], step) | _top(f["score"], f["valid"], self.protect)
         merged = jax.vmap(jax.vmap(lambda g: _merge_runs(g, slots, self.sigma)))(dict(f, protected=protected))

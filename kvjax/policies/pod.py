@@ -134,6 +134,8 @@ class POD(Policy):
         """Keys (each head's owner's key for the same token), own values, mask and positions of the ring."""
         mine = distant[layer]
         heads = mine.v.shape[1]
+        if self.owned(layer, heads) == tuple(range(heads)):  # no sharing: the layer's own ring, no copy
+            return mine.k, mine.v, mine.valid, mine.pos
         keys, seen = [], []
         for h, o in enumerate(self.owner(layer, heads)):
             owner_k = distant[o].k[:, self.owned(o, heads).index(h)]
@@ -151,15 +153,17 @@ class POD(Policy):
         """The ring after this step. k, v, pos, leaving: the proximal candidates [B, H, N(, D)] and
         which of them leave the window; mass: attention mass on (ring, candidates) or None.
 
-        Heads this layer owns choose the ring's tokens (the newest, or by SnapKV votes);
-        the other heads take their owner's choice, matched by position, with their own values."""
+        Without selection every layer writes the leaving tokens at slot pos mod R, so the
+        rings agree without looking at each other (a scatter of the few leaving tokens).
+        With SnapKV, heads this layer owns choose the ring's tokens by votes; the other
+        heads take their owner's choice, matched by position, with their own values."""
         d = distant[layer]
         heads = d.v.shape[1]
+        if self.select is None:
+            return self._push(d, layer, k, v, pos, leaving)
         cpos = jnp.concatenate([d.pos, pos], 2)
         cvalid = jnp.concatenate([d.valid, leaving], 2)
-        if self.select is None:
-            score = cpos.astype(jnp.float32)  # first in, first out
-        elif step.prefill:  # SnapKV: re-vote ring and leaving tokens, pooled along positions
+        if step.prefill:  # SnapKV: re-vote ring and leaving tokens, pooled along positions
             score = pool_by_position(jnp.where(cvalid, mass, 0.0), cpos, cvalid, self.select_kernel)
         else:  # decode: the prompt's votes stay; generated tokens leaving the window are dropped first
             score = jnp.concatenate([d.score, jnp.full(pos.shape, -1.0)], 2)
@@ -170,9 +174,9 @@ class POD(Policy):
         new = dict(v=take(cv, keep), pos=take(cpos, keep), valid=take(cvalid, keep), score=take(score, keep))
         mirror = [h for h, o in enumerate(self.owner(layer, heads)) if o != layer]
         if mirror:
-            target = jnp.stack([distant[self.owner(layer, heads)[h]].pos[:, h] for h in mirror], 1)
-            target_ok = jnp.stack([distant[self.owner(layer, heads)[h]].valid[:, h] for h in mirror], 1)
-            target_score = jnp.stack([distant[self.owner(layer, heads)[h]].score[:, h] for h in mirror], 1)
+            owner_of = self.owner(layer, heads)
+            theirs = lambda field: jnp.stack([getattr(distant[owner_of[h]], field)[:, h] for h in mirror], 1)  # noqa: E731
+            target, target_ok, target_score = theirs("pos"), theirs("valid"), theirs("score")
             idx = jnp.asarray(mirror)
             match = (target[..., :, None] == cpos[:, idx, None, :]) & cvalid[:, idx, None, :]
             src = jnp.argmax(match, -1)
@@ -183,6 +187,21 @@ class POD(Policy):
         owned = jnp.asarray(self.owned(layer, heads), jnp.int32)
         new["k"] = take(jnp.concatenate([d.k, k[:, owned]], 2), keep[:, owned])
         return DistantCache(**new)
+
+    def _push(self, d: DistantCache, layer: int, k, v, pos, leaving) -> DistantCache:
+        """First in, first out: write the leaving tokens at slot pos mod R, in place."""
+        ring = self.ring
+        newest = jnp.where(leaving, pos, -1).max(-1, keepdims=True)
+        slot = jnp.where(leaving & (pos > newest - ring), pos % ring, ring)  # ring = out of range: no write
+        b, h, _ = pos.shape
+        bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+        owned = jnp.asarray(self.owned(layer, h), jnp.int32)
+        return d.replace(
+            k=d.k.at[bi, jnp.arange(len(owned))[None, :, None], slot[:, owned]].set(k[:, owned], mode="drop"),
+            v=d.v.at[bi, hi, slot].set(v, mode="drop"),
+            pos=d.pos.at[bi, hi, slot].set(pos, mode="drop"),
+            valid=d.valid.at[bi, hi, slot].set(True, mode="drop"),
+        )
 
 
 def train_attention(

@@ -22,12 +22,12 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.policies.base import Policy
-from kvjax.select import INT_MAX
+from kvjax.select import position_order
 
 
 def pool_by_position(x, pos, valid, kernel: int):
     """Average-pool `x` [..., N] along increasing `pos` (invalid entries last, zero)."""
-    order = jnp.argsort(jnp.where(valid, pos, INT_MAX), axis=-1)
+    order = position_order(pos, valid)
     xs = jnp.take_along_axis(jnp.where(valid, x, 0.0), order, axis=-1)
     pad = kernel // 2
     xp = jnp.pad(xs, [(0, 0)] * (x.ndim - 1) + [(pad, pad)])
