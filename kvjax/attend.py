@@ -57,6 +57,8 @@ def attend(
     """
     _check_shapes(cache, layer, q, k, v, step)
     policy = policy.for_layer(layer)
+    if policy.owns_update:  # learned compression (DMC): no candidates to score and rank
+        return policy.attend_layer(cache, layer, q, k, v, step=step, rope=rope, scale=scale, softcap=softcap)
     b, s, h, _ = k.shape
     lc = cache.layers[layer]
     k_slots, v_slots, pos, valid, score = lc.k, lc.v, lc.pos, lc.valid, lc.score
@@ -69,7 +71,7 @@ def attend(
 
     keys, values, visible, key_pos = k_attend, v_slots, valid, pos
     if policy.shares_keys:  # POD: the distant ring, keys from each head's block owner
-        dk, dv, dvalid, dpos = policy.distant_view(cache.distant, layer)
+        dk, dv, dvalid, dpos = policy.distant_view(cache.state, layer)
         keys, values = jnp.concatenate([keys, dk], 2), jnp.concatenate([values, dv], 2)
         visible, key_pos = jnp.concatenate([visible, dvalid], 2), jnp.concatenate([key_pos, dpos], 2)
     out, mass = attention(
@@ -103,9 +105,9 @@ def attend(
     protected = policy.protected(cand.pos, cand.valid, step)
     rank = select.rank(new_score, cand.valid, protected)
     if policy.shares_keys:  # tokens leaving the proximal window may enter the distant ring
-        ring = policy.update(cache.distant, layer, jnp.concatenate([k_slots, new_k], 2), jnp.concatenate([v_slots, new_v], 2),
+        ring = policy.update(cache.state, layer, jnp.concatenate([k_slots, new_k], 2), jnp.concatenate([v_slots, new_v], 2),
                              cand.pos, cand.valid & ~protected, ring_mass, step)
-        cache = cache.replace(distant=cache.distant[:layer] + (ring,) + cache.distant[layer + 1 :])
+        cache = cache.replace(state=cache.state[:layer] + (ring,) + cache.state[layer + 1 :])
 
     if policy.merges:  # merging policies rewrite slots, so they see every candidate
         fields = dict(k=jnp.concatenate([k_slots, new_k], 2), v=jnp.concatenate([v_slots, new_v], 2),

@@ -50,13 +50,14 @@ class LayerCache:
 class KVCache:
     """The caches of all layers plus `seen` [batch]: tokens consumed so far.
 
-    `distant` is policy state beside the slots, one entry per layer, for
-    policies that need it (POD's distant ring); empty otherwise.
+    `state` is policy state beside the slots, one entry per layer, for
+    policies that need it (POD's distant ring, DMC's open-slot accumulators);
+    empty otherwise.
     """
 
     layers: tuple[LayerCache, ...]
     seen: Int[Array, " B"]
-    distant: tuple = ()
+    state: tuple = ()
 
     @property
     def num_layers(self) -> int:
@@ -86,6 +87,10 @@ class KVCache:
     def lengths(self) -> Int[Array, "L B H"]:
         """Valid slots per (layer, batch row, KV head)."""
         return jnp.stack([layer.valid.sum(-1) for layer in self.layers])
+
+    def compression_ratio(self) -> Float[Array, "L B H"]:
+        """Tokens seen per slot in use, per (layer, batch row, KV head): DMC's achieved CR."""
+        return self.seen[None, :, None] / jnp.maximum(self.lengths(), 1)
 
     def replace_layer(self, index: int, layer: LayerCache) -> "KVCache":
         return self.replace(layers=self.layers[:index] + (layer,) + self.layers[index + 1 :])

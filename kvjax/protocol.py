@@ -41,11 +41,10 @@ class CacheSpec:
             slots=resolved.layer_slots(self.num_layers), num_layers=self.num_layers, batch=batch,
             kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=jnp.dtype(self.dtype),
         )
-        if policy.shares_keys:
-            if resolved is not policy:
-                raise ValueError(f"{policy.name}: models with sliding-window layers are not supported")
-            cache = cache.replace(distant=policy.init_distant(self.num_layers, batch, self.kv_heads, self.head_dim, jnp.dtype(self.dtype)))
-        return cache
+        state = policy.init_state(self.num_layers, batch, self.kv_heads, self.head_dim, jnp.dtype(self.dtype))
+        if state and resolved is not policy:
+            raise ValueError(f"{policy.name}: models with sliding-window layers are not supported")
+        return cache.replace(state=state)
 
 
 class CachedDecoder(Protocol):

@@ -28,7 +28,7 @@ def test_blocks_of_size_one_are_full_attention(chunk):
     got, cache, _ = run_layers(pod(30, sinks=2, window=3), q, k, v, valid, jax.random.key(0), chunk=chunk)
     want, _, _ = run_layers(kvjax.policies.make("full", capacity=24), q, k, v, valid, jax.random.key(0), chunk=chunk)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert int(cache.distant[0].valid[0, 0].sum()) == 24 - 5
+    assert int(cache.state[0].valid[0, 0].sum()) == 24 - 5
 
 
 def test_all_proximal_is_full_attention_whatever_the_blocks():
@@ -75,7 +75,7 @@ def test_memory_accounting_matches_the_formula():
     owner_pairs = 4
     assert b.nbytes - a.nbytes == (8 - owner_pairs) * 80 * 16 * 2
     assert (b.nbytes - a.nbytes) / ring_kv == (8 - owner_pairs) / (2 * 8)
-    assert [d.k.shape[1] for d in a.distant] == [2, 1, 0, 1]
+    assert [d.k.shape[1] for d in a.state] == [2, 1, 0, 1]
 
 
 def test_bad_owner_tables_are_rejected():
@@ -154,7 +154,7 @@ def test_pod_with_snapkv_keeps_the_best_voted_distant_tokens():
         padded = np.concatenate([np.zeros(kernel // 2), votes[distant], np.zeros(kernel // 2)])
         pooled = [padded[i : i + kernel].mean() for i in range(len(distant))]
         want = sorted(distant[i] for i in sorted(range(len(distant)), key=lambda i: (-pooled[i], -i))[:ring])
-        ring_h = cache.distant[0]
+        ring_h = cache.state[0]
         assert sorted(np.asarray(ring_h.pos[0, h])[np.asarray(ring_h.valid[0, h])].tolist()) == want
 
 
@@ -165,7 +165,7 @@ def test_shared_rings_follow_their_owner_with_selection():
     valid = jnp.ones((1, 32), bool)
     for chunk in (8, 1):
         _, cache, _ = run_layers(policy, q, k, v, valid, jax.random.key(0), chunk=chunk)
-        own, shared = (jax.tree.map(np.asarray, cache.distant[i]) for i in (0, 1))
+        own, shared = (jax.tree.map(np.asarray, cache.state[i]) for i in (0, 1))
         np.testing.assert_array_equal(own.pos[0, 0][own.valid[0, 0]], shared.pos[0, 0][shared.valid[0, 0]])
         assert own.valid[0, 0].sum() == 8
         for s in np.flatnonzero(shared.valid[0, 0]):

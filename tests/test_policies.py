@@ -119,11 +119,13 @@ def test_capacity_at_least_length_is_full_attention(name, length, chunk, rerotat
     if name == "pyramidkv":  # its smallest layer budget must cover the sequence too
         policy = kvjax.policies.make("pyramidkv", capacity=16, window=1, kernel=3, num_layers=1)
     q, k, v = random_qkv(length * 31 + chunk, length=t, q_heads=4, kv_heads=2)
+    if name == "dmc":  # fact 17: always appending is vanilla attention without the decision dimension
+        q[..., -1] = k[..., -1] = 0.0
     outs, cache, _ = run_layers(policy, q, k, v, jnp.asarray(valid), jax.random.key(0), chunk=chunk)
     ref = full_attention(q[0, 0, :length], k[0, 0, :length], v[0, 0, :length])
     np.testing.assert_allclose(np.asarray(outs[0, 0, :length]), ref, rtol=1e-4, atol=1e-5)
     lc = cache.layers[0]
     kept = list(np.asarray(lc.pos[0, 0])[np.asarray(lc.valid[0, 0])])
-    if cache.distant:  # POD: proximal slots + the distant ring
-        kept += list(np.asarray(cache.distant[0].pos[0, 0])[np.asarray(cache.distant[0].valid[0, 0])])
+    if name == "pod":  # proximal slots + the distant ring
+        kept += list(np.asarray(cache.state[0].pos[0, 0])[np.asarray(cache.state[0].valid[0, 0])])
     assert sorted(kept) == list(range(length))

@@ -6,6 +6,7 @@ import dataclasses
 
 from kvjax.policies.base import Candidates, Policy, Step
 from kvjax.policies.bct import BCT
+from kvjax.policies.dmc import DMC
 from kvjax.policies.full import Full
 from kvjax.policies.h2o import H2O
 from kvjax.policies.knorm import KNorm
@@ -19,7 +20,7 @@ from kvjax.policies.tova import TOVA
 from kvjax.policies.window import StreamingLLM, Window
 
 REGISTRY: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, Window, StreamingLLM, H2O, TOVA, SnapKV, PyramidKV, KNorm, Random, BCT, KVMerger, POD)
+    cls.name: cls for cls in (Full, Window, StreamingLLM, H2O, TOVA, SnapKV, PyramidKV, KNorm, Random, BCT, KVMerger, POD, DMC)
 }
 
 

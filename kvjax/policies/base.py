@@ -92,7 +92,8 @@ class Policy:
     rotate_at_cache_position: ClassVar[bool] = False  # keys stored before RoPE
     max_distance: ClassVar[int | None] = None  # attention masks keys further back (sliding window)
     merges: ClassVar[bool] = False  # slots are rewritten by `merge`, not kept by rank
-    shares_keys: ClassVar[bool] = False  # attends over other layers' state in `KVCache.distant` (POD)
+    shares_keys: ClassVar[bool] = False  # attends over other layers' state in `KVCache.state` (POD)
+    owns_update: ClassVar[bool] = False  # attends and updates its layer itself in `attend_layer` (DMC)
 
     def __post_init__(self):
         for field, lowest in (("capacity", 1), ("sinks", 0), ("window", 0)):
@@ -132,6 +133,10 @@ class Policy:
             last = jnp.cumsum(step.new_valid[:, ::-1], axis=-1)[:, ::-1] == 1
             return (last & step.new_valid).astype(jnp.float32)
         raise NotImplementedError(f"{self.name}: stats={self.stats!r} needs its own stat_weights")
+
+    def init_state(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> tuple:
+        """Per-layer state kept beside the slots in `KVCache.state` (none by default)."""
+        return ()
 
     def score(self, cand: Candidates, step: Step, layer: int) -> Float[Array, "B H N"]:
         """Score of every candidate; higher is kept. Default: keep the newest."""

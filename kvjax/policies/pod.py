@@ -117,7 +117,7 @@ class POD(Policy):
         """With `select="snapkv"`, prefill chunks vote with their last `select_window` queries."""
         return None if self.select is None else observation_weights(step, self.select_window)
 
-    def init_distant(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> tuple[DistantCache, ...]:
+    def init_state(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> tuple[DistantCache, ...]:
         lead = (batch, kv_heads, self.ring)
         return tuple(
             DistantCache(
