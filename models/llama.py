@@ -131,7 +131,8 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg)
             self.k_norm = RMSNorm(hd, cfg)
 
-    def __call__(self, x, cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
+    def qkv(self, x):
+        """Pre-RoPE queries [B, S, Hq, D], keys and values [B, S, H, D]."""
         cfg = self.cfg
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
@@ -139,10 +140,20 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def __call__(self, x, cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
+        q, k, v = self.qkv(x)
         out, cache = kvjax.attend(
-            cache, self.layer, q, k, v, policy=policy, step=step, rope=cfg.rope(self.layer), scale=cfg.attention_scale
+            cache, self.layer, q, k, v, policy=policy, step=step, rope=self.cfg.rope(self.layer), scale=self.cfg.attention_scale
         )
-        return self.o_proj(out.reshape(b, s, -1)), cache
+        return self.o_proj(out.reshape(*x.shape[:2], -1)), cache
+
+    def full_sequence(self, x, attention_fn, key):
+        """Attention of a whole sequence through `attention_fn` (training); returns (output, its aux)."""
+        q, k, v = self.qkv(x)
+        out, aux = attention_fn(q, k, v, rope=self.cfg.rope(self.layer), scale=self.cfg.attention_scale, layer=self.layer, key=key)
+        return self.o_proj(out.reshape(*x.shape[:2], -1)), aux
 
 
 class MLP(nnx.Module):
@@ -173,12 +184,16 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, cache, policy, step):
-        h, cache = self.self_attn(self.input_layernorm(x), cache, policy, step)
+        return self.residual(x, lambda y: self.self_attn(y, cache, policy, step))
+
+    def residual(self, x, attention):
+        """The block around `attention(normed x) -> (h, extra)`; returns (x, extra)."""
+        h, extra = attention(self.input_layernorm(x))
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), extra
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return x + self.mlp(self.post_attention_layernorm(x)), extra
 
 
 class Llama(nnx.Module):
@@ -203,14 +218,30 @@ class Llama(nnx.Module):
     def cache_spec(self) -> kvjax.CacheSpec:
         return self.cfg.cache_spec()
 
-    def __call__(self, tokens: Int[Array, "B S"], cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
+    def embed(self, tokens: Int[Array, "B S"]) -> Float[Array, "B S d"]:
         x = self.embed_tokens(tokens)
-        if self.cfg.embed_scale:
-            x = x * jnp.asarray(self.cfg.hidden_size**0.5, x.dtype)
+        return x * jnp.asarray(self.cfg.hidden_size**0.5, x.dtype) if self.cfg.embed_scale else x
+
+    def __call__(self, tokens: Int[Array, "B S"], cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
+        x = self.embed(tokens)
         policy = self.cache_spec().resolve(policy)
         for block in self.layers:
             x, cache = block(x, cache, policy, step)
         return self.norm(x), cache
+
+    def full_sequence(self, tokens: Int[Array, "B T"], attention_fn, key: jax.Array | None = None):
+        """Logits [B, T, V] of whole sequences with no cache, every layer's attention computed by
+        `attention_fn(q, k, v, *, rope, scale, layer, key)` -> (out, aux) (see `kvjax.retrofit`);
+        returns (logits, per-layer aux). The training path; sliding-window layers are not supported."""
+        if self.cfg.sliding_window:
+            raise ValueError("full_sequence: models with sliding-window layers are not supported")
+        key = jax.random.key(0) if key is None else key
+        x = self.embed(tokens)
+        aux = []
+        for block in self.layers:
+            x, extra = block.residual(x, lambda y, blk=block: blk.self_attn.full_sequence(y, attention_fn, key))
+            aux.append(extra)
+        return self.logits(self.norm(x)), aux
 
     def logits(self, hidden: Float[Array, "*B d"]) -> Float[Array, "*B V"]:
         hidden = hidden.astype(jnp.dtype(self.cfg.dtype))

@@ -131,3 +131,90 @@ def test_always_merge_is_one_weighted_mean(window):
 def test_dmc_state_rejects_bad_window():
     with pytest.raises(ValueError, match="merge_window"):
         kvjax.policies.make("dmc", capacity=8, merge_window=0)
+
+
+# ----------------------------------------------------------------------------- training path
+
+
+def tiny_dmc_model(seed=0, scale=6.0):
+    """A tiny random Llama whose decision dimension merges about a fifth of the tokens."""
+    from flax import nnx
+
+    from models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig.tiny(head_dim=16)
+    model = Llama(cfg, rngs=nnx.Rngs(seed))
+    for block in model.layers:
+        for proj, heads in ((block.self_attn.k_proj, cfg.num_kv_heads), (block.self_attn.q_proj, cfg.num_heads)):
+            last = jnp.arange(heads) * cfg.head_dim + cfg.head_dim - 1
+            proj.kernel[...] = proj.kernel[...].at[:, last].multiply(scale)
+    return model
+
+
+@pytest.mark.parametrize("window", [12, 3, None])
+def test_hard_training_attention_equals_inference_cache(window):
+    """Fact 21: with hard decisions, the full-sequence training attention (partial states, the
+    log(1 - alpha_{j+1}) mask) gives the inference cache's next-token NLL, and the mean alpha
+    the cache's lengths (CR = T / len)."""
+    from kvjax.evaluate import stream_nll
+    from kvjax.retrofit import DMCTraining
+
+    model = tiny_dmc_model()
+    t = 40
+    tokens = jax.random.randint(jax.random.key(1), (2, t), 0, 256)
+    logits, aux = model.full_sequence(tokens, DMCTraining(window=window, hard=True).attention)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    nll_train = -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    policy = kvjax.policies.make("dmc", capacity=t, merge_window=window)
+    nll_cache = stream_nll(model, tokens, policy=policy, chunk_size=8)
+    np.testing.assert_allclose(np.asarray(nll_train), np.asarray(nll_cache), rtol=1e-4, atol=1e-4)
+
+    mean_alpha = np.asarray(jnp.stack(aux))  # [L, B]
+    assert 0.05 < mean_alpha.mean() < 0.6, "the test model should merge some tokens"
+    from kvjax.run import prefill
+
+    cache = model.cache_spec().init(policy, 2)
+    _, cache = prefill(model, tokens, jnp.ones_like(tokens, bool), cache, policy, jax.random.key(0), chunk_size=8)
+    lengths = np.asarray(cache.lengths())  # [L, B, H]
+    np.testing.assert_allclose(mean_alpha, 1 - lengths.mean(-1) / t, atol=1e-6)
+
+
+def test_relaxed_decisions_train_towards_the_target_ratio():
+    """The Gumbel-sigmoid relaxation is differentiable: the one-sided compression loss has a
+    gradient on the key projection (which makes alpha) and none once the target is met."""
+    from flax import nnx
+
+    from kvjax.retrofit import DMCTraining, compression_loss
+
+    model = tiny_dmc_model(scale=1.0)
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 256)
+    graphdef, params = nnx.split(model)
+
+    def loss(params, cr):
+        _, aux = nnx.merge(graphdef, params).full_sequence(tokens, DMCTraining().attention, jax.random.key(0))
+        return compression_loss(jnp.stack(aux), jnp.float32(cr))
+
+    value, grads = jax.value_and_grad(loss)(params, 4.0)
+    assert float(value) > 0.5  # alpha ~ 0 at initialisation, target 0.75
+    k_grad = grads["layers"][0]["self_attn"]["k_proj"]["kernel"][...]
+    assert float(jnp.abs(k_grad).max()) > 0
+    value1, grads1 = jax.value_and_grad(loss)(params, 1.0)
+    assert float(value1) == 0.0 and float(jnp.abs(grads1["layers"][0]["self_attn"]["k_proj"]["kernel"][...]).max()) == 0.0
+
+
+def test_relaxed_partial_states_match_float64_formula():
+    """x_i = sum_j c_ij w_j x_j / sum_j c_ij w_j over the window, c_ij = prod_{m=j+1..i} alpha_m."""
+    from kvjax.retrofit import partial_states
+
+    rng = np.random.default_rng(0)
+    t = 17
+    x = rng.normal(size=(1, t, 2, 4))
+    alpha, omega = rng.random((1, t, 2)), rng.random((1, t, 2)) + 0.1
+    for window in (12, 3, None):
+        got = np.asarray(partial_states(jnp.asarray(x, jnp.float32), jnp.asarray(alpha, jnp.float32), jnp.asarray(omega, jnp.float32), window))
+        for i in range(t):
+            js = range(max(0, i - window + 1) if window else 0, i + 1)
+            c = np.array([np.prod(alpha[0, j + 1 : i + 1], axis=0) for j in js])  # [n, H]
+            w = c * omega[0, list(js)]
+            want = (w[..., None] * x[0, list(js)]).sum(0) / w.sum(0)[..., None]
+            np.testing.assert_allclose(got[0, i], want, rtol=1e-4, atol=1e-5)
