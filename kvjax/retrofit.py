@@ -30,6 +30,7 @@ from jaxtyping import Array, Float
 
 from kvjax.policies.dmc import decision_inputs, strip_decision_dim
 from kvjax.rope import Rope
+from kvjax.train import next_token_loss
 
 TEMPERATURE = 0.1  # tau of the Gumbel-sigmoid (dmc_temp)
 
@@ -136,3 +137,42 @@ def compression_loss(mean_alpha: Float[Array, "L B"], cr: Float[Array, ""]) -> F
 def achieved_cr(mean_alpha: Float[Array, "L B"]) -> Float[Array, ""]:
     """1 / (1 - mean alpha), the compression ratio the decisions give."""
     return 1.0 / jnp.maximum(1.0 - mean_alpha.mean(), 1e-6)
+
+
+# ----------------------------------------------------------------------------- losses for kvjax.train
+
+
+def language_model_loss(attention_fn=vanilla_attention):
+    """Next-token cross-entropy of `model.full_sequence` with the given attention (pretraining)."""
+
+    def loss(model, batch, step, key):
+        logits, _ = model.full_sequence(batch[:, :-1], attention_fn, key)
+        return next_token_loss(logits, batch), {}
+
+    return loss
+
+
+def zero_out_loss(steps: int):
+    """Stage one: cross-entropy while the repurposed q/k dimension is ramped to zero over 0.8 `steps`."""
+
+    def loss(model, batch, step, key):
+        factor = zero_out_factor(step, steps)
+        logits, _ = model.full_sequence(batch[:, :-1], zero_out_attention(factor), key)
+        return next_token_loss(logits, batch), {"zero_out": factor}
+
+    return loss
+
+
+def dmc_loss(cr: float, ramp_steps: int = 0, *, window: int | None = 12, weight: float = 1.0):
+    """Stages two and three: cross-entropy + weight * compression loss, the target CR ramped linearly
+    over `ramp_steps` (0: fixed at `cr`, the fine-tune stage); logs the achieved CR."""
+    attention = DMCTraining(window=window).attention
+
+    def loss(model, batch, step, key):
+        logits, aux = model.full_sequence(batch[:, :-1], attention, key)
+        mean_alpha = jnp.stack(aux)  # [L, B]
+        target = target_cr(step, ramp_steps, cr) if ramp_steps else jnp.float32(cr)
+        ce = next_token_loss(logits, batch)
+        return ce + weight * compression_loss(mean_alpha, target), {"ce": ce, "cr": achieved_cr(mean_alpha), "target_cr": target}
+
+    return loss
