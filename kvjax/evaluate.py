@@ -15,15 +15,17 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from kvjax.cache import KVCache
 from kvjax.policies.base import Policy
 from kvjax.protocol import CachedDecoder
 from kvjax.run import pad_to_chunks, scan_chunks
 
 
 def stream_nll(
-    model: CachedDecoder, tokens, *, policy: Policy, chunk_size: int = 128, key: jax.Array | None = None
-) -> Float[Array, "B T"]:
-    """Per-token NLL of tokens[:, 1:] given their prefix, [B, T-1], in nats."""
+    model: CachedDecoder, tokens, *, policy: Policy, chunk_size: int = 128, key: jax.Array | None = None,
+    with_cache: bool = False,
+) -> Float[Array, "B T"] | tuple[Float[Array, "B T"], KVCache]:
+    """Per-token NLL of tokens[:, 1:] given their prefix, [B, T-1], in nats (and the final cache if asked)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [batch, length >= 2], got shape {tokens.shape}")
@@ -33,8 +35,8 @@ def stream_nll(
     targets, _ = pad_to_chunks(targets, valid[:, :t], chunk_size)
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if key is None else key
-    nll = _stream_nll(graphdef, state, padded, valid, targets, key, policy=policy, chunk_size=chunk_size)
-    return nll[:, : t - 1]
+    nll, cache = _stream_nll(graphdef, state, padded, valid, targets, key, policy=policy, chunk_size=chunk_size)
+    return (nll[:, : t - 1], cache) if with_cache else nll[:, : t - 1]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "policy", "chunk_size"))
@@ -46,8 +48,8 @@ def _stream_nll(graphdef, state, tokens, valid, targets, key, *, policy, chunk_s
         logp = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)
         return carry, -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
 
-    _, _, nll = scan_chunks(model, tokens, valid, cache, policy, key, next_token_nll, None, chunk_size=chunk_size, extras=(targets,))
-    return jnp.moveaxis(nll, 0, 1).reshape(tokens.shape)
+    cache, _, nll = scan_chunks(model, tokens, valid, cache, policy, key, next_token_nll, None, chunk_size=chunk_size, extras=(targets,))
+    return jnp.moveaxis(nll, 0, 1).reshape(tokens.shape), cache
 
 
 def perplexity(model: CachedDecoder, tokens, *, policy: Policy, chunk_size: int = 128, start: int = 0) -> float:
