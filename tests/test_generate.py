@@ -42,6 +42,17 @@ def all_logits(model, tokens, policy, chunk=8):
     return np.asarray(_all_logits(graphdef, state, tokens, policy=policy, chunk=chunk))
 
 
+def decision_dimension_zeroed(model):
+    """A copy whose q/k projections give 0 in each head's last dimension (DMC's decision dimension)."""
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+    hd = model.cfg.head_dim
+    for block in model.layers:
+        for proj in (block.self_attn.q_proj, block.self_attn.k_proj):
+            proj.kernel[...] = proj.kernel[...].at[:, hd - 1 :: hd].set(0.0)
+    return model
+
+
 @pytest.mark.parametrize("name", POLICIES)
 def test_capacity_covering_the_sequence_equals_full(model, name):
     """Logits and greedy tokens equal the full cache's when nothing must be evicted."""
@@ -51,6 +62,8 @@ def test_capacity_covering_the_sequence_equals_full(model, name):
         policy = kvjax.policies.make("pyramidkv", capacity=40, window=1, kernel=3, num_layers=2, beta=1.0)
     if name == "pod":  # blocks of size one (sharing keys is an approximation even with room for all)
         policy = kvjax.policies.make("pod", capacity=40, sinks=1, window=1)
+    if name == "dmc":  # fact 17: a model whose decision dimension is 0 never merges and loses nothing
+        model = decision_dimension_zeroed(model)
     full = kvjax.policies.make("full", capacity=40)
     np.testing.assert_allclose(all_logits(model, tokens, policy), all_logits(model, tokens, full), atol=2e-5, rtol=1e-5)
     got = kvjax.generate(model, tokens, policy=policy, max_new_tokens=8, chunk_size=8)
