@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 
 from kvjax import policies
@@ -127,11 +128,14 @@ def plan_capacity(
     spec = _spec(model)
     if (budget is None) == (tokens is None):
         raise ValueError("plan_capacity: give exactly one of budget=<bytes or '256MiB'> or tokens=<slots per layer>")
-    if policies.make(policy, capacity=2**24, **options).shares_keys:  # unknown names and options fail here, by name
+    probe = policies.make(policy, capacity=2**24, **options)  # unknown names and options fail here, by name
+    if probe.shares_keys:
         raise ValueError(f"plan_capacity: {policy} slots do not all cost the same (shared keys); give it a capacity directly")
+    state = jax.eval_shape(lambda: probe.init_state(spec.num_layers, batch, spec.kv_heads, spec.head_dim, jnp.dtype(spec.dtype)))
     windows = spec.sliding_windows or (None,) * spec.num_layers
     per_slot = slot_bytes(spec, batch)
     fixed = sum(w - 1 for w in windows if w is not None) * per_slot + 4 * batch  # window layers + `seen`
+    fixed += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))  # policy state beside the slots (DMC's)
     globals_ = [i for i, w in enumerate(windows) if w is None]
     minimum = _min_slots(policy, options)
     if budget is not None:

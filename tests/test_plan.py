@@ -18,8 +18,9 @@ CFG = LlamaConfig.tiny(num_layers=4)
 
 
 @pytest.mark.parametrize("per_layer", ["uniform", "pyramid", [4, 1, 1, 2]])
-@pytest.mark.parametrize("policy", ["bct", "h2o", "window"])
+@pytest.mark.parametrize("policy", ["bct", "h2o", "window", "dmc"])
 def test_plan_fills_the_budget_exactly(per_layer, policy):
+    """The plan counts every buffer, DMC's open-slot accumulators too."""
     budget = 3 * 2**20
     plan = plan_capacity(CFG, "3MiB", policy=policy, per_layer=per_layer, batch=2)
     cache = plan.init()

@@ -28,3 +28,8 @@ class PerLayer(Policy):
         if num_layers != len(self.policies):
             raise ValueError(f"per-layer policy has {len(self.policies)} layers, the model has {num_layers}")
         return tuple(p.layer_slots(num_layers)[i] for i, p in enumerate(self.policies))
+
+    def init_state(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> tuple:
+        """Each layer's state from its own policy (None for a layer whose policy keeps none)."""
+        states = [p.init_state(num_layers, batch, kv_heads, head_dim, dtype) for p in self.policies]
+        return tuple(s[i] if s else None for i, s in enumerate(states)) if any(states) else ()
