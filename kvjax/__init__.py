@@ -2,9 +2,11 @@
 
 Every layer's cache has a fixed number of slots however long the context
 grows; a compression policy (kvjax.policies) decides what the slots hold.
+Training (DMC's retrofit) lives in kvjax.retrofit (losses, relaxed attention),
+kvjax.data (packed batches) and kvjax.train (the loop; imported on its own).
 """
 
-from kvjax import calibrate, evaluate, policies, rope
+from kvjax import calibrate, data, evaluate, policies, retrofit, rope
 from kvjax.attend import attend
 from kvjax.attention import attention
 from kvjax.cache import KVCache, init_cache
@@ -18,5 +20,5 @@ from kvjax.sampling import Sampler
 
 __all__ = [
     "CacheSpec", "CachedDecoder", "CapacityPlan", "GenerateOutput", "KVCache", "Policy", "Rope", "Sampler", "Step",
-    "attend", "attention", "calibrate", "evaluate", "forward_chunk", "generate", "init_cache", "make_step", "plan_capacity", "policies", "prefill",
+    "attend", "attention", "calibrate", "data", "evaluate", "forward_chunk", "generate", "init_cache", "make_step", "plan_capacity", "policies", "prefill", "retrofit",
 ]

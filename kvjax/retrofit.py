@@ -26,11 +26,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 from jaxtyping import Array, Float
 
 from kvjax.policies.dmc import decision_inputs, strip_decision_dim
 from kvjax.rope import Rope
-from kvjax.train import next_token_loss
 
 TEMPERATURE = 0.1  # tau of the Gumbel-sigmoid (dmc_temp)
 
@@ -140,6 +140,11 @@ def achieved_cr(mean_alpha: Float[Array, "L B"]) -> Float[Array, ""]:
 
 
 # ----------------------------------------------------------------------------- losses for kvjax.train
+
+
+def next_token_loss(logits, batch) -> jax.Array:
+    """Mean cross-entropy of batch[:, 1:] under logits of batch[:, :-1], in f32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
 
 
 def language_model_loss(attention_fn=vanilla_attention):

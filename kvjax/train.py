@@ -144,7 +144,3 @@ def _truncate_log(path: pathlib.Path, step: int) -> None:
         lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in lines))
 
-
-def next_token_loss(logits, batch) -> jax.Array:
-    """Mean cross-entropy of batch[:, 1:] under logits of batch[:, :-1], in f32."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:]).mean()
