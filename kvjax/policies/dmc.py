@@ -60,6 +60,11 @@ def strip_decision_dim(x: Float[Array, "... D"], factor: float | Array = 0.0) ->
     return x.at[..., -1].multiply(jnp.asarray(factor, x.dtype))
 
 
+def _trailing(mask: Array, like: Array) -> Array:
+    """`mask` with trailing axes of size one up to `like`'s rank."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+
+
 @struct.dataclass
 class DMCState:
     """One layer's open-slot accumulators, per (batch row, KV head).
@@ -77,15 +82,13 @@ class DMCState:
 
     def update(self, merge: Bool[Array, "B H"], omega, k, v, pos: Int[Array, " B"], windowed: bool) -> "DMCState":
         """Add token (k, v) [B, H, D] with weight omega [B, H]: to the open slot, or as a new one."""
-        new = (omega[..., None] * k, omega[..., None] * v, omega)
-        if windowed:  # the ring keeps every contribution; membership is decided by `count` in `mean`
+        contrib = (omega[..., None] * k, omega[..., None] * v, omega)
+        accs = (self.k_acc, self.v_acc, self.w_acc)
+        if windowed:  # write at ring slot t mod W; which entries are members is `count`'s business (`mean`)
             at = jnp.arange(self.w_acc.shape[-1]) == (pos % self.w_acc.shape[-1])[:, None, None]  # [B, 1, W]
-            acc = [jnp.where(at[..., None] if n.ndim == 3 else at, n[:, :, None], a)
-                   for a, n in zip((self.k_acc, self.v_acc, self.w_acc), new)]
-        else:
-            keep = merge[:, :, None]
-            acc = [jnp.where(keep[..., None] if n.ndim == 3 else keep, a, 0.0) + n[:, :, None]
-                   for a, n in zip((self.k_acc, self.v_acc, self.w_acc), new)]
+            acc = [jnp.where(_trailing(at, a), c[:, :, None], a) for a, c in zip(accs, contrib)]
+        else:  # one running sum, restarted by an append
+            acc = [jnp.where(_trailing(merge[:, :, None], a), a, 0.0) + c[:, :, None] for a, c in zip(accs, contrib)]
         return DMCState(*acc, count=jnp.where(merge, self.count + 1, 1))
 
     def mean(self, pos: Int[Array, " B"], windowed: bool) -> tuple[Float[Array, "B H D"], Float[Array, "B H D"]]:
