@@ -13,12 +13,14 @@
      so merging is all learned), which gives its achieved CR per layer and head;
    - the continued model with h2o / tova / streaming_llm / kvmerger at the
      same cache size (capacity = 512 / achieved CR, the DMC cache's mean final length);
-   - the retrofitted model under that hard capacity (`dmc` forcing merges).
+   - the retrofitted model under that hard capacity (`dmc` forcing merges),
+     the same for every layer or split by its learned per-layer lengths
+     (`plan_capacity(per_layer=...)`, same total).
 
 Every stage checkpoints into --workdir and resumes if interrupted. Writes
 JSON and a plot into --out.
 
-    python -m experiments.dmc_replication [--pretrain-steps 700] [--retrofit-steps 300] [--crs 2 4]
+    python -m experiments.dmc_replication [--pretrain-steps 700] [--retrofit-steps 500] [--crs 2 4]
 """
 
 from __future__ import annotations
@@ -110,6 +112,11 @@ def evaluate(untouched: Llama, continued: Llama, retrofitted: dict[float, Llama]
         print(f"DMC {cr:g}x: achieved CR {achieved:.2f}, perplexity {ppl:.3f}; per layer {per_head.mean(-1).round(2).tolist()}")
         ppl_c, _ = perplexity(model, windows, kvjax.policies.make("dmc", capacity=capacity))
         rows.append(dict(method="dmc (hard capacity)", model=f"dmc-{cr:g}x", target_cr=cr, cr=t / capacity, capacity=capacity, perplexity=ppl_c))
+        plan = kvjax.plan_capacity(CONFIG, tokens=capacity, policy="dmc", per_layer=list((1 / per_head).mean(-1)))  # mean slots per layer
+        ppl_p, _ = perplexity(model, windows, plan.policy())
+        rows.append(dict(method="dmc (per-layer capacity)", model=f"dmc-{cr:g}x", target_cr=cr, cr=t / capacity, capacity=capacity,
+                         perplexity=ppl_p, layer_slots=list(plan.slots)))
+        print(f"  dmc under a hard capacity {capacity}: {ppl_c:.3f}; per layer {plan.slots}: {ppl_p:.3f}")
         for name in BASELINES:
             ppl_b, _ = perplexity(continued, windows, make_baseline(name, capacity))
             rows.append(dict(method=name, model="continued", target_cr=cr, cr=t / capacity, capacity=capacity, perplexity=ppl_b))
@@ -137,7 +144,7 @@ def plot(rows: list[dict], logs: dict, path: pathlib.Path) -> None:
     fig, (ax, ax_cr, ax_ce) = plt.subplots(1, 3, figsize=(15, 4))
     for r, style in zip((r for r in rows if r["method"] == "full"), (":", "-.")):
         ax.axhline(r["perplexity"], color="k", ls=style, label=f"{r['model']}, full cache")
-    for method in ["dmc", "dmc (hard capacity)", *BASELINES]:
+    for method in ["dmc", "dmc (hard capacity)", "dmc (per-layer capacity)", *BASELINES]:
         pts = sorted((r["cr"], r["perplexity"]) for r in rows if r["method"] == method)
         ax.plot(*zip(*pts), "o-" if method.startswith("dmc") else "s--", label=method)
     ax.set(xlabel="compression ratio (512 / cache slots)", ylabel="held-out perplexity (bytes)", title="quality at equal cache size")
@@ -163,10 +170,10 @@ def plot(rows: list[dict], logs: dict, path: pathlib.Path) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrain-steps", type=int, default=700)
-    ap.add_argument("--retrofit-steps", type=int, default=300)
+    ap.add_argument("--retrofit-steps", type=int, default=500)
     ap.add_argument("--crs", type=float, nargs="+", default=[2.0, 4.0])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512, help="trained length = evaluated window (RoPE beyond it is untrained)")
     ap.add_argument("--windows", type=int, default=32, help="held-out 512-byte windows")
     ap.add_argument("--workdir", default="results/dmc_replication")
     ap.add_argument("--out", default="docs/measurements")

@@ -4,9 +4,9 @@ The authors' three stages (zero-out 10%, CR ramp 60%, fine-tune 30%; spec §3)
 on Austen's novels tokenized with SmolLM2's tokenizer, then the perplexity of
 the second half of the first 1024 tokens of "What I Worked On" (a different
 domain) and the achieved compression ratio through the `dmc` inference cache.
-Compared: the model before retrofitting (full cache, and through the `dmc`
-cache, which only removes the decision dimension since it never merges) and
-after (full cache and `dmc`). The paper retrofits with ~35B tokens for 2x;
+Compared: the model before retrofitting (full cache; through the `dmc` cache,
+which removes the decision dimension and merges where k[d-1] > 5 already; and
+h2o / tova at the retrofitted DMC cache's mean size) and after (full cache and `dmc`). The paper retrofits with ~35B tokens for 2x;
 this runs tens of thousands.
 
     python -m experiments.dmc_smollm2 [--steps 60] [--cr 2] [--batch 2] [--seq-len 256]
@@ -59,6 +59,11 @@ def main():
             per_layer = np.asarray(cache.compression_ratio()).mean((1, 2)).round(3).tolist()
             rows.append(dict(model=name, policy=policy, perplexity=ppl, cr=cr, cr_per_layer=per_layer))
             print(f"{name} retrofitting, {policy}: perplexity {ppl:.2f}, achieved CR {cr:.3f}")
+    capacity = int(round(t / rows[-1]["cr"]))  # the retrofitted DMC cache's mean size
+    for name in ("h2o", "tova"):
+        ppl, _ = perplexity(model, ids, kvjax.policies.make(name, capacity=capacity))
+        rows.append(dict(model="before", policy=name, perplexity=ppl, cr=t / capacity, capacity=capacity))
+        print(f"before retrofitting, {name} at capacity {capacity}: perplexity {ppl:.2f}")
     final = logs["finetune"][-1] if logs["finetune"] else {}
     result = dict(config=vars(args), tokens_trained=args.steps * args.batch * args.seq_len, train_wall_s=round(train_s),
                   wall_s=round(time.time() - start), last_training_record=final, rows=rows, logs=logs)
