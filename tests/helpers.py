@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import kvjax
 from kvjax.run import chunked, make_step
@@ -25,8 +26,6 @@ ROPE = kvjax.Rope(theta=10_000.0)
 def prefill_memory(model, policy, lengths, *, chunk: int):
     """(scratch bytes, output bytes) of the compiled chunked prefill for each prompt length,
     and the jitted program itself (state, tokens) -> (last hidden, cache)."""
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -37,6 +36,20 @@ def prefill_memory(model, policy, lengths, *, chunk: int):
 
     stats = [run.lower(state, jnp.zeros((1, t), jnp.int32)).compile().memory_analysis() for t in lengths]
     return [(m.temp_size_in_bytes, m.output_size_in_bytes) for m in stats], functools.partial(run, state)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def decision_dimension_zeroed(model):
+    """A copy whose q/k projections give 0 in each head's last dimension (DMC's decision dimension)."""
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+    hd = model.cfg.head_dim
+    for block in model.layers:
+        for proj in (block.self_attn.q_proj, block.self_attn.k_proj):
+            proj.kernel[...] = proj.kernel[...].at[:, hd - 1 :: hd].set(0.0)
+    return model
 
 
 # ----------------------------------------------------------------------------- runner

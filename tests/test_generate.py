@@ -15,7 +15,7 @@ import kvjax
 from kvjax.generate import _generate
 from kvjax.run import scan_chunks
 from models import Llama, LlamaConfig
-from tests.helpers import prefill_memory
+from tests.helpers import decision_dimension_zeroed, prefill_memory
 from tests.test_policies import POLICIES, make_policy
 
 
@@ -40,17 +40,6 @@ def _all_logits(graphdef, state, tokens, *, policy, chunk):
 def all_logits(model, tokens, policy, chunk=8):
     graphdef, state = nnx.split(model)
     return np.asarray(_all_logits(graphdef, state, tokens, policy=policy, chunk=chunk))
-
-
-def decision_dimension_zeroed(model):
-    """A copy whose q/k projections give 0 in each head's last dimension (DMC's decision dimension)."""
-    graphdef, state = nnx.split(model)
-    model = nnx.merge(graphdef, jax.tree.map(jnp.array, state))
-    hd = model.cfg.head_dim
-    for block in model.layers:
-        for proj in (block.self_attn.q_proj, block.self_attn.k_proj):
-            proj.kernel[...] = proj.kernel[...].at[:, hd - 1 :: hd].set(0.0)
-    return model
 
 
 @pytest.mark.parametrize("name", POLICIES)
