@@ -20,7 +20,7 @@
 Every stage checkpoints into --workdir and resumes if interrupted. Writes
 JSON and a plot into --out.
 
-    python -m experiments.dmc_replication [--pretrain-steps 700] [--retrofit-steps 500] [--crs 2 4]
+    python -m experiments.dmc_replication [--pretrain-steps 700] [--retrofit-steps 400] [--cr-weight 10] [--crs 2 4]
 """
 
 from __future__ import annotations
@@ -71,14 +71,15 @@ def copy(model: Llama) -> Llama:
     return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
 
 
-def retrofit_model(base: Llama, cr: float, steps: int, lr: float, batches, workdir: pathlib.Path) -> tuple[Llama, dict]:
-    """The three stages; returns the model and each stage's log."""
+def retrofit_model(base: Llama, cr: float, steps: int, lr: float, batches, workdir: pathlib.Path, weight: float) -> tuple[Llama, dict]:
+    """The three stages; returns the model and each stage's log. `weight` multiplies the compression
+    loss: the hinge's gradient does not depend on the target, so the weight sets how hard it pulls."""
     model = copy(base)
     zero, ramp = steps // 10, steps * 6 // 10
     logs = {
         "zero_out": run_stage(model, retrofit.zero_out_loss(zero), batches, zero, lr, workdir / "zero_out", f"CR {cr:g} zero-out"),
-        "retrofit": run_stage(model, retrofit.dmc_loss(cr, ramp), batches, ramp, lr, workdir / "retrofit", f"CR {cr:g} retrofit"),
-        "finetune": run_stage(model, retrofit.dmc_loss(cr), batches, steps - zero - ramp, lr, workdir / "finetune", f"CR {cr:g} finetune"),
+        "retrofit": run_stage(model, retrofit.dmc_loss(cr, ramp, weight=weight), batches, ramp, lr, workdir / "retrofit", f"CR {cr:g} retrofit"),
+        "finetune": run_stage(model, retrofit.dmc_loss(cr, weight=weight), batches, steps - zero - ramp, lr, workdir / "finetune", f"CR {cr:g} finetune"),
     }
     return model, logs
 
@@ -170,8 +171,9 @@ def plot(rows: list[dict], logs: dict, path: pathlib.Path) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrain-steps", type=int, default=700)
-    ap.add_argument("--retrofit-steps", type=int, default=500)
+    ap.add_argument("--retrofit-steps", type=int, default=400)
     ap.add_argument("--crs", type=float, nargs="+", default=[2.0, 4.0])
+    ap.add_argument("--cr-weight", type=float, default=10.0, help="weight of the compression loss (open in the spec)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512, help="trained length = evaluated window (RoPE beyond it is untrained)")
     ap.add_argument("--windows", type=int, default=32, help="held-out 512-byte windows")
@@ -189,7 +191,7 @@ def main():
     batches = PackedBatches(train_tokens, args.seq_len, args.batch, seed=1)  # retrofitting continues on new batches
     retrofitted, logs = {}, {}
     for cr in args.crs:
-        retrofitted[cr], logs[cr] = retrofit_model(model, cr, args.retrofit_steps, 5e-4, batches, workdir / f"cr{cr:g}")
+        retrofitted[cr], logs[cr] = retrofit_model(model, cr, args.retrofit_steps, 5e-4, batches, workdir / f"cr{cr:g}-w{args.cr_weight:g}", args.cr_weight)
     n = min(args.windows, len(held) // 512)
     windows = held[: n * 512].reshape(n, 512)
     continued = copy(model)

@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--cr-weight", type=float, default=10.0, help="weight of the compression loss")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--workdir", default="results/dmc_smollm2")
     ap.add_argument("--out", default="docs/measurements")
@@ -46,7 +47,7 @@ def main():
     text = join([np.asarray(tokenizer.encode(novel), np.int32) for novel in corpora.austen()], separator=tokenizer.eos_id)
     print(f"training text: {len(text):,} tokens of Austen")
     batches = PackedBatches(text, args.seq_len, args.batch, seed=0)
-    retrofitted, logs = retrofit_model(model, args.cr, args.steps, args.lr, batches, pathlib.Path(args.workdir))
+    retrofitted, logs = retrofit_model(model, args.cr, args.steps, args.lr, batches, pathlib.Path(args.workdir), args.cr_weight)
     train_s = time.time() - start
 
     ids = np.asarray(tokenizer.encode(essay("worked"))[: args.context], np.int32)[None]
