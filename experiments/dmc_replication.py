@@ -20,7 +20,7 @@
 Every stage checkpoints into --workdir and resumes if interrupted. Writes
 JSON and a plot into --out.
 
-    python -m experiments.dmc_replication [--pretrain-steps 700] [--retrofit-steps 400] [--cr-weight 10] [--crs 2 4]
+    python -m experiments.dmc_replication [--pretrain-steps 700] [--retrofit-steps 500] [--cr-weight 10] [--crs 2 4]
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def plot(rows: list[dict], logs: dict, path: pathlib.Path) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrain-steps", type=int, default=700)
-    ap.add_argument("--retrofit-steps", type=int, default=400)
+    ap.add_argument("--retrofit-steps", type=int, default=500)
     ap.add_argument("--crs", type=float, nargs="+", default=[2.0, 4.0])
     ap.add_argument("--cr-weight", type=float, default=10.0, help="weight of the compression loss (open in the spec)")
     ap.add_argument("--batch", type=int, default=8)
