@@ -148,7 +148,7 @@ def plot(rows: list[dict], logs: dict, path: pathlib.Path) -> None:
     for method in ["dmc", "dmc (hard capacity)", "dmc (per-layer capacity)", *BASELINES]:
         pts = sorted((r["cr"], r["perplexity"]) for r in rows if r["method"] == method)
         ax.plot(*zip(*pts), "o-" if method.startswith("dmc") else "s--", label=method)
-    ax.set(xlabel="compression ratio (512 / cache slots)", ylabel="held-out perplexity (bytes)", title="quality at equal cache size")
+    ax.set(xlabel="compression ratio (512 / cache slots)", ylabel="held-out perplexity (bytes, log scale)", title="quality at equal cache size", yscale="log")
     ax.legend(fontsize=8)
     for cr, stages in logs.items():
         steps, cr_curve, ce_curve, offset = [], [], [], 0
