@@ -30,8 +30,6 @@ import json
 import pathlib
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -66,15 +64,10 @@ def run_stage(model, loss, batches, steps: int, lr: float, workdir: pathlib.Path
     return stage_log(workdir)
 
 
-def copy(model: Llama) -> Llama:
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
-
-
 def retrofit_model(base: Llama, cr: float, steps: int, lr: float, batches, workdir: pathlib.Path, weight: float) -> tuple[Llama, dict]:
     """The three stages; returns the model and each stage's log. `weight` multiplies the compression
     loss: the hinge's gradient does not depend on the target, so the weight sets how hard it pulls."""
-    model = copy(base)
+    model = nnx.clone(base)
     zero, ramp = steps // 10, steps * 6 // 10
     logs = {
         "zero_out": run_stage(model, retrofit.zero_out_loss(zero), batches, zero, lr, workdir / "zero_out", f"CR {cr:g} zero-out"),
@@ -194,7 +187,7 @@ def main():
         retrofitted[cr], logs[cr] = retrofit_model(model, cr, args.retrofit_steps, 5e-4, batches, workdir / f"cr{cr:g}-w{args.cr_weight:g}", args.cr_weight)
     n = min(args.windows, len(held) // 512)
     windows = held[: n * 512].reshape(n, 512)
-    continued = copy(model)
+    continued = nnx.clone(model)
     control_log = run_stage(continued, retrofit.language_model_loss(), batches, args.retrofit_steps, 5e-4, workdir / "continued", "continued")
     rows = evaluate(model, continued, retrofitted, windows)
     tokens = {"pretrain": len(pre_log) * args.batch * args.seq_len,

@@ -107,7 +107,7 @@ def attend(
     if policy.shares_keys:  # tokens leaving the proximal window may enter the distant ring
         ring = policy.update(cache.state, layer, jnp.concatenate([k_slots, new_k], 2), jnp.concatenate([v_slots, new_v], 2),
                              cand.pos, cand.valid & ~protected, ring_mass, step)
-        cache = cache.replace(state=cache.state[:layer] + (ring,) + cache.state[layer + 1 :])
+        cache = cache.replace_state(layer, ring)
 
     if policy.merges:  # merging policies rewrite slots, so they see every candidate
         fields = dict(k=jnp.concatenate([k_slots, new_k], 2), v=jnp.concatenate([v_slots, new_v], 2),

@@ -95,6 +95,9 @@ class KVCache:
     def replace_layer(self, index: int, layer: LayerCache) -> "KVCache":
         return self.replace(layers=self.layers[:index] + (layer,) + self.layers[index + 1 :])
 
+    def replace_state(self, index: int, state) -> "KVCache":
+        return self.replace(state=self.state[:index] + (state,) + self.state[index + 1 :])
+
 
 def init_cache(
     *,

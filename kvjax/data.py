@@ -57,10 +57,6 @@ class PackedBatches:
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.seq_len
 
-    @property
-    def tokens_per_batch(self) -> int:
-        return self.batch_size * self.seq_len
-
     def __call__(self, step: int) -> np.ndarray:
         n = len(self)
         index = step * self.batch_size + np.arange(self.batch_size)

@@ -16,8 +16,8 @@ The full-sequence, differentiable counterpart of `kvjax.policies.dmc`:
 
 With hard decisions and no full head this is exactly the inference cache's
 attention (tested against `kvjax.policies.dmc`). The attention functions plug
-into a model's full-sequence forward: `fn(q, k, v, *, rope, scale, layer)` ->
-(out, per-layer aux).
+into a model's full-sequence forward: `fn(q, k, v, *, rope, scale, layer, key)`
+-> (out, per-layer aux).
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ class DMCTraining:
             z = (logit + jax.random.logistic(jax.random.fold_in(key, layer), logit.shape)) / self.temperature
             alpha, keep_log = jax.nn.sigmoid(z), jax.nn.log_sigmoid(-z)  # log(1 - alpha), stable
         q, k = strip_decision_dim(q), strip_decision_dim(k)
-        ks = partial_states(k, alpha, omega, self.window).astype(k.dtype)
-        vs = partial_states(v, alpha, omega, self.window).astype(v.dtype)
+        kv = partial_states(jnp.concatenate([k, v], -1), alpha, omega, self.window)  # one pass for both
+        ks, vs = kv[..., : k.shape[-1]].astype(k.dtype), kv[..., k.shape[-1] :].astype(v.dtype)
         # key j is superseded for later queries when token j+1 merges into it
         nxt = jnp.concatenate([keep_log[:, 1:], jnp.zeros_like(keep_log[:, :1])], 1).transpose(0, 2, 1)  # [B, H, T]
         t = q.shape[1]

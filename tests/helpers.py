@@ -43,8 +43,7 @@ def prefill_memory(model, policy, lengths, *, chunk: int):
 
 def decision_dimension_zeroed(model):
     """A copy whose q/k projections give 0 in each head's last dimension (DMC's decision dimension)."""
-    graphdef, state = nnx.split(model)
-    model = nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+    model = nnx.clone(model)
     hd = model.cfg.head_dim
     for block in model.layers:
         for proj in (block.self_attn.q_proj, block.self_attn.k_proj):

@@ -166,10 +166,9 @@ class DMC(Policy):
                 valid=select.write_slot(lc.valid, target, jnp.ones_like(merge)),
                 score=select.write_slot(lc.score, target, new_st.count.astype(jnp.float32)),
             )
-            st = jax.tree.map(lambda new, old: jnp.where(valid_t.reshape((-1,) + (1,) * (old.ndim - 1)), new, old), new_st, st)
+            st = jax.tree.map(lambda new, old: jnp.where(_trailing(valid_t, old), new, old), new_st, st)
             return (lc, st), out[:, 0]
 
         xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, logit, omega, step.positions, step.new_valid))
         (lc, st), out = jax.lax.scan(token, (cache.layers[layer], cache.state[layer]), xs)
-        cache = cache.replace_layer(layer, lc)
-        return jnp.moveaxis(out, 0, 1), cache.replace(state=cache.state[:layer] + (st,) + cache.state[layer + 1 :])
+        return jnp.moveaxis(out, 0, 1), cache.replace_layer(layer, lc).replace_state(layer, st)
