@@ -60,7 +60,7 @@ def decode_stepper(model: Llama, policy: kvjax.Policy, seen: int):
     @functools.partial(jax.jit, donate_argnums=1)
     def step(state, cache, token, key):
         m = nnx.merge(graphdef, state)
-        hidden, cache = forward_chunk(m, token, jnp.ones_like(token, bool), cache, policy, key, prefill=False)
+        hidden, cache = forward_chunk(m, token, jnp.ones_like(token, bool), cache, key, prefill=False)
         return jnp.argmax(m.logits(hidden[:, 0]), -1)[:, None].astype(jnp.int32), cache
 
     carry = dict(cache=filled_cache(model, policy, seen, jax.random.key(seen)), token=jnp.ones((1, 1), jnp.int32))

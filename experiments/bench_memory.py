@@ -42,7 +42,7 @@ def measure(policy: str, length: int, slots: int, chunk: int) -> dict:
     def run(state, tokens):
         m = nnx.merge(graphdef, state)
         p = plan.policy()
-        return kvjax.prefill(m, tokens, jnp.ones_like(tokens, bool), m.cache_spec().init(p, 1), p, jax.random.key(0), chunk_size=chunk)
+        return kvjax.prefill(m, tokens, jnp.ones_like(tokens, bool), m.cache_spec().init(p, 1), jax.random.key(0), chunk_size=chunk)
 
     compiled = run.lower(state, tokens).compile()
     _, cache = compiled(state, tokens)

@@ -2,7 +2,7 @@
 
 1. Pretrain a 4-layer GQA Llama (vocab 256: UTF-8 bytes) from scratch on
    Austen's six novels and Shakespeare's plays (98%; the last 2% is held out).
-2. Retrofit a copy per target CR with the authors' three stages (spec §3):
+2. Retrofit a copy per target CR with the authors' three stages (arXiv 2403.09636, Sec. 4):
    zero-out of the decision dimension (10% of the steps), DMC with the CR
    ramped linearly (60%), fine-tuning at the fixed CR (30%).
    A control copy is trained as long without DMC ("continued"), so every

@@ -1,6 +1,6 @@
 """Retrofit SmolLM2-135M with DMC on a CPU budget, and say what the budget buys.
 
-The authors' three stages (zero-out 10%, CR ramp 60%, fine-tune 30%; spec §3)
+The authors' three stages (zero-out 10%, CR ramp 60%, fine-tune 30%; arXiv 2403.09636, Sec. 4)
 on Austen's novels tokenized with SmolLM2's tokenizer, then the perplexity of
 the second half of the first 1024 tokens of "What I Worked On" (a different
 domain) and the achieved compression ratio through the `dmc` inference cache.

@@ -29,9 +29,7 @@ from models import load
 POLICIES = ["full", "streaming_llm", "h2o", "tova", "snapkv", "kvmerger", "pod", "bct"]
 
 
-def make(name: str, capacity: int, num_layers: int, owners) -> kvjax.Policy:
-    if name == "kvmerger":
-        return kvjax.policies.make(name, capacity=capacity, num_layers=num_layers)
+def make(name: str, capacity: int, owners) -> kvjax.Policy:
     if name == "pod":
         return kvjax.policies.make(name, capacity=capacity, owners=owners)
     return kvjax.policies.make(name, capacity=capacity)
@@ -106,7 +104,7 @@ def main(argv=None):
     rows = []
     for name, delta, budget in tqdm(jobs, desc="policies x budgets", unit="run"):
         capacity = int(budget * args.context)
-        policy = make(name, capacity + (8 if name == "full" else 0), layers, owners.get(delta))
+        policy = make(name, capacity + (8 if name == "full" else 0), owners.get(delta))
         label = name if delta is None else f"pod δ={delta}"
         start = time.perf_counter()
         ppl = kvjax.evaluate.perplexity(model, text, policy=policy, chunk_size=256, start=args.context // 2)

@@ -4,11 +4,13 @@ Every layer's cache has a fixed number of slots however long the context
 grows; a compression policy (kvjax.policies) decides what the slots hold.
 Training (DMC's retrofit) lives in kvjax.retrofit (losses, relaxed attention),
 kvjax.data (packed batches) and kvjax.train (the loop; imported on its own).
+A policy implements `Policy.update` (the general tier) or is a `score` on
+`kvjax.policies.ScorerPolicy` (the common tier); see kvjax.policies.
 """
 
 from kvjax import calibrate, data, evaluate, policies, retrofit, rope
 from kvjax.attend import attend
-from kvjax.attention import attention
+from kvjax.attention import LayerAttention, attention
 from kvjax.cache import KVCache, init_cache
 from kvjax.generate import GenerateOutput, generate
 from kvjax.plan import CapacityPlan, plan_capacity
@@ -19,6 +21,6 @@ from kvjax.run import forward_chunk, make_step, prefill
 from kvjax.sampling import Sampler
 
 __all__ = [
-    "CacheSpec", "CachedDecoder", "CapacityPlan", "GenerateOutput", "KVCache", "Policy", "Rope", "Sampler", "Step",
+    "CacheSpec", "CachedDecoder", "CapacityPlan", "GenerateOutput", "KVCache", "LayerAttention", "Policy", "Rope", "Sampler", "Step",
     "attend", "attention", "calibrate", "data", "evaluate", "forward_chunk", "generate", "init_cache", "make_step", "plan_capacity", "policies", "prefill", "retrofit",
 ]

@@ -12,11 +12,20 @@ the same pass.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import jax
+import jax.numpy as jnp
 from beartype import beartype
+from einops import rearrange
 from jaxtyping import Array, Bool, Float, Int, jaxtyped
 
+from kvjax.rope import Rope
 from pallas_kernels import cache_attention, cache_attention_reference
+
+if TYPE_CHECKING:
+    from kvjax.policies.base import Step
 
 IMPLS = ("xla", "pallas", "auto")
 
@@ -65,11 +74,59 @@ def attention(
     if hq % h:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
     g = hq // h
-    rows = q.reshape(b, s, h, g, d).transpose(0, 2, 1, 3, 4).reshape(b, h, s * g, d)
+    rows = rearrange(q, "b s (h g) d -> b h (s g) d", h=h)  # row r = s * g + (head in group)
     fn = cache_attention if impl == "pallas" else cache_attention_reference
     out, _, mass = fn(
         rows, k_cache, v_cache, cache_valid, k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3), new_valid,
         group=g, scale=scale, softcap=softcap, max_distance=max_distance, cache_pos=cache_pos, q_pos=q_pos,
         stat_weights=stat_weights,
     )
-    return out.reshape(b, h, s, g, d).transpose(0, 2, 1, 3, 4).reshape(b, s, hq, d), mass
+    return rearrange(out, "b h (s g) d -> b s (h g) d", g=g), mass
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAttention:
+    """One attention layer's facts from the model, handed to its policy's `update`.
+
+    rope: how queries and keys are rotated (policies choose the positions).
+    scale: the logit scale (1/sqrt(head_dim) unless the model says otherwise).
+    softcap: c in c * tanh(logit / c) (Gemma 2), or None.
+    sliding_window: tokens the layer sees, the current one included, or None.
+    """
+
+    rope: Rope
+    scale: float
+    softcap: float | None = None
+    sliding_window: int | None = None
+
+    def __call__(self, q, k_cache, v_cache, cache_valid, k_new, v_new, step: Step, *, stat_weights=None, cache_pos=None):
+        """`attention` of rotated chunk queries over (cache slots + chunk) with this layer's settings;
+        `cache_pos` (the slots' positions) is needed by sliding-window layers only."""
+        windowed = self.sliding_window is not None
+        return attention(
+            q, k_cache, v_cache, cache_valid, k_new, v_new, step.new_valid, scale=self.scale, softcap=self.softcap,
+            stat_weights=stat_weights, max_distance=self.sliding_window - 1 if windowed else None,
+            cache_pos=cache_pos if windowed else None, q_pos=step.positions if windowed else None, impl=step.impl,
+        )
+
+
+def causal_attention(
+    q: Float[Array, "B T Hq D"], k: Float[Array, "B T H D"], v: Float[Array, "B T H D"], *, scale: float,
+    bias: Float[Array, "B H T T"] | None = None, logits: Float[Array, "B H G T T"] | None = None,
+) -> Float[Array, "B T Hq D"]:
+    """Full-sequence attention of every position over keys j <= i (training paths), queries and
+    keys already rotated. `bias` is added to the logits per (KV head, query, key) (DMC's
+    intermediate-state mask); `logits` replaces q.k (POD mixes two key sets), scale still applied."""
+    t = q.shape[1]
+    logits = (grouped_logits(q, k) if logits is None else logits) * scale
+    if bias is not None:
+        logits = logits + bias[:, :, None]
+    p = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf), axis=-1)
+    out = jnp.einsum("bhgij,bjhd->bihgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return rearrange(out, "b t h g d -> b t (h g) d").astype(q.dtype)
+
+
+def grouped_logits(q: Float[Array, "B T Hq D"], k: Float[Array, "B T H D"]) -> Float[Array, "B H G T T"]:
+    """q.k of every (query, key) pair per KV group, in f32 (unscaled)."""
+    qg = rearrange(q, "b t (h g) d -> b t h g d", h=k.shape[2])
+    return jnp.einsum("bihgd,bjhd->bhgij", qg, k, preferred_element_type=jnp.float32)

@@ -50,14 +50,16 @@ class LayerCache:
 class KVCache:
     """The caches of all layers plus `seen` [batch]: tokens consumed so far.
 
-    `state` is policy state beside the slots, one entry per layer, for
-    policies that need it (POD's distant ring, DMC's open-slot accumulators);
-    empty otherwise.
+    `state` is policy state beside the slots, one entry per layer (None where
+    a layer keeps none): POD's distant ring, DMC's open-slot accumulators.
+    `policies` (static) is the policy of each layer, resolved against the model
+    once (`CacheSpec.init`), so a model's layers never see the policy machinery.
     """
 
     layers: tuple[LayerCache, ...]
     seen: Int[Array, " B"]
     state: tuple = ()
+    policies: tuple = struct.field(pytree_node=False, default=())
 
     @property
     def num_layers(self) -> int:

@@ -1,10 +1,10 @@
 """Offline profiling on calibration text: statistics that configure a method once per model.
 
-`merge_profile` is KVMerger's (arXiv 2407.08454, spec §2): key similarity between
+`merge_profile` is KVMerger's (arXiv 2407.08454, Sec. 3.1): key similarity between
 neighbouring tokens is a property of the model, not of the data, so the
 mergeable fraction of each layer is measured once and sets per-layer budgets.
 
-`pod_blocks` is POD's (arXiv 2412.02252, spec §4): per KV head, consecutive
+`pod_blocks` is POD's (arXiv 2412.02252, Sec. 3): per KV head, consecutive
 layers whose attention over distant tokens is similar (1 - Jensen-Shannon
 divergence, base 2, so in [0, 1]) form a block that shares the lowest layer's
 distant keys; greedy, bottom-up, a layer joins the open block while its
@@ -29,7 +29,7 @@ from kvjax.policies.full import Full
 from kvjax.policies.merging import cosine
 from kvjax.protocol import CachedDecoder
 from kvjax.run import pad_to_chunks, prefill
-from kvjax.select import position_order
+from kvjax.select import gather, position_order
 
 
 def _prefilled(model: CachedDecoder, tokens, policy_for, chunk_size: int):
@@ -37,7 +37,7 @@ def _prefilled(model: CachedDecoder, tokens, policy_for, chunk_size: int):
     padded, valid = pad_to_chunks(tokens, jnp.ones(tokens.shape, bool), chunk_size)
     policy = policy_for(padded.shape[1])
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda st, c: prefill(nnx.merge(graphdef, st), padded, valid, c, policy, jax.random.key(0), chunk_size=chunk_size))
+    run = jax.jit(lambda st, c: prefill(nnx.merge(graphdef, st), padded, valid, c, jax.random.key(0), chunk_size=chunk_size))
     return run(state, model.cache_spec().init(policy, tokens.shape[0]))[1]
 
 
@@ -64,8 +64,7 @@ def merge_profile(model: CachedDecoder, tokens, *, threshold: float = 0.9, chunk
     fractions = []
     for lc in cache.layers:
         order = position_order(lc.pos, lc.valid)
-        k = jnp.take_along_axis(lc.k, order[..., None], 2)
-        pair_ok = jnp.take_along_axis(lc.valid, order, 2)
+        k, pair_ok = gather((lc.k, lc.valid), order)
         pair_ok = pair_ok[..., 1:] & pair_ok[..., :-1]
         similar = (cosine(k[..., 1:, :], k[..., :-1, :]) > threshold) & pair_ok
         fractions.append(float(similar.sum() / pair_ok.sum()))
@@ -79,7 +78,6 @@ class _AttentionProbe(Full):
     after: int = 0
 
     name = "attention_probe"
-    stats = "all"
 
     def stat_weights(self, step):
         return (step.new_valid & (step.positions >= self.after)).astype(jnp.float32)

@@ -35,20 +35,20 @@ def stream_nll(
     targets, _ = pad_to_chunks(targets, valid[:, :t], chunk_size)
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if key is None else key
-    nll, cache = _stream_nll(graphdef, state, padded, valid, targets, key, policy=policy, chunk_size=chunk_size)
+    cache = model.cache_spec().init(policy, tokens.shape[0])
+    nll, cache = _stream_nll(graphdef, state, padded, valid, targets, key, cache, chunk_size=chunk_size)
     return (nll[:, : t - 1], cache) if with_cache else nll[:, : t - 1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "policy", "chunk_size"))
-def _stream_nll(graphdef, state, tokens, valid, targets, key, *, policy, chunk_size):
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def _stream_nll(graphdef, state, tokens, valid, targets, key, cache, *, chunk_size):
     model = nnx.merge(graphdef, state)
-    cache = model.cache_spec().init(policy, tokens.shape[0])
 
     def next_token_nll(carry, hidden, val, tgt):
         logp = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)
         return carry, -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
 
-    cache, _, nll = scan_chunks(model, tokens, valid, cache, policy, key, next_token_nll, None, chunk_size=chunk_size, extras=(targets,))
+    cache, _, nll = scan_chunks(model, tokens, valid, cache, key, next_token_nll, None, chunk_size=chunk_size, extras=(targets,))
     return jnp.moveaxis(nll, 0, 1).reshape(tokens.shape), cache
 
 

@@ -103,36 +103,28 @@ def generate(
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a kvjax Policy (see kvjax.policies.make), got {type(policy).__name__}")
     mask = _prompt_mask(prompt, prompt_lengths, prompt_mask)
-    longest = int(mask.sum(-1).max()) + max_new_tokens
-    spec = model.cache_spec()
-    layered = spec.resolve(policy)
-    for layer in range(spec.num_layers):
-        p = layered.for_layer(layer)
-        if not p.evicts and p.capacity < longest:
-            raise ValueError(
-                f"policy {p.name!r} never evicts but capacity={p.capacity} < prompt + "
-                f"max_new_tokens = {longest}; raise its capacity to at least {longest}"
-            )
+    cache = model.cache_spec().init(policy, prompt.shape[0])
+    for layer_policy in cache.policies:
+        layer_policy.check_length(int(mask.sum(-1).max()) + max_new_tokens)
     tokens, valid = pad_to_chunks(prompt.astype(jnp.int32), jnp.asarray(mask), chunk_size, pad_id)
-    cache = spec.init(policy, prompt.shape[0])
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if key is None else key
     return _generate(
         graphdef, state, tokens, valid, cache, key,
-        policy=policy, sampler=sampler, stop_tokens=tuple(int(t) for t in stop_tokens),
+        sampler=sampler, stop_tokens=tuple(int(t) for t in stop_tokens),
         max_new_tokens=max_new_tokens, chunk_size=chunk_size, pad_id=pad_id, impl=impl,
     )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "policy", "sampler", "stop_tokens", "max_new_tokens", "chunk_size", "pad_id", "impl"),
+    static_argnames=("graphdef", "sampler", "stop_tokens", "max_new_tokens", "chunk_size", "pad_id", "impl"),
     donate_argnames=("cache",),
 )
-def _generate(graphdef, state, tokens, valid, cache, key, *, policy, sampler, stop_tokens, max_new_tokens, chunk_size, pad_id, impl):
+def _generate(graphdef, state, tokens, valid, cache, key, *, sampler, stop_tokens, max_new_tokens, chunk_size, pad_id, impl):
     model = nnx.merge(graphdef, state)
     key, prefill_key = jax.random.split(key)
-    last, cache = prefill(model, tokens, valid, cache, policy, prefill_key, chunk_size=chunk_size, impl=impl)
+    last, cache = prefill(model, tokens, valid, cache, prefill_key, chunk_size=chunk_size, impl=impl)
     b = tokens.shape[0]
     stops = jnp.asarray(stop_tokens, jnp.int32)
 
@@ -141,7 +133,7 @@ def _generate(graphdef, state, tokens, valid, cache, key, *, policy, sampler, st
         tok = jnp.where(st.done, pad_id, sampler(st.logits, sample_key))
         lengths = st.lengths + ~st.done
         done = st.done | jnp.isin(tok, stops)
-        hidden, cache = forward_chunk(model, tok[:, None], ~st.done[:, None], st.cache, policy, step_key, prefill=False, impl=impl)
+        hidden, cache = forward_chunk(model, tok[:, None], ~st.done[:, None], st.cache, step_key, prefill=False, impl=impl)
         return _DecodeState(
             i=st.i + 1, tokens=st.tokens.at[:, st.i].set(tok), lengths=lengths, done=done,
             logits=model.logits(hidden[:, 0]).astype(jnp.float32), cache=cache, key=key,

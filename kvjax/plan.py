@@ -61,7 +61,7 @@ class CapacityPlan:
         global_slots = {s for s, w in zip(self.slots, fixed) if w is None}
         if len(global_slots) == 1:
             return make(next(iter(global_slots)))
-        # CacheSpec.resolve puts window caches on sliding layers; the largest policy stands in there
+        # kvjax.policies.resolve puts window caches on sliding layers; the largest policy stands in there
         top = max(global_slots)
         return PerLayer.of(make(s if w is None else top) for s, w in zip(self.slots, fixed))
 
@@ -129,9 +129,10 @@ def plan_capacity(
     if (budget is None) == (tokens is None):
         raise ValueError("plan_capacity: give exactly one of budget=<bytes or '256MiB'> or tokens=<slots per layer>")
     probe = policies.make(policy, capacity=2**24, **options)  # unknown names and options fail here, by name
-    if probe.shares_keys:
+    if isinstance(probe, policies.POD):
         raise ValueError(f"plan_capacity: {policy} slots do not all cost the same (shared keys); give it a capacity directly")
-    state = jax.eval_shape(lambda: probe.init_state(spec.num_layers, batch, spec.kv_heads, spec.head_dim, jnp.dtype(spec.dtype)))
+    layers = policies.resolve(probe, spec)
+    state = jax.eval_shape(lambda: [p.init_state(spec, i, batch) for i, p in enumerate(layers)])
     windows = spec.sliding_windows or (None,) * spec.num_layers
     per_slot = slot_bytes(spec, batch)
     fixed = sum(w - 1 for w in windows if w is not None) * per_slot + 4 * batch  # window layers + `seen`

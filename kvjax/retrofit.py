@@ -1,4 +1,4 @@
-"""Training-time attention for retrofitting DMC (arXiv 2403.09636; spec §3, "Training relaxation").
+"""Training-time attention for retrofitting DMC (arXiv 2403.09636, Sec. 3.3, the training relaxation).
 
 The full-sequence, differentiable counterpart of `kvjax.policies.dmc`:
 
@@ -29,25 +29,17 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float
 
-from kvjax.policies.dmc import decision_inputs, strip_decision_dim
+from kvjax import attention as attention_lib
+from kvjax.policies.dmc import MERGE_WINDOW, decision_inputs, strip_decision_dim
 from kvjax.rope import Rope
 
 TEMPERATURE = 0.1  # tau of the Gumbel-sigmoid (dmc_temp)
 
 
 def causal_attention(q, k, v, *, rope: Rope, scale: float, bias=None) -> Float[Array, "B T Hq D"]:
-    """Softmax attention of every position over keys j <= i (plus an additive per-(query, key) bias [B, H, T, T])."""
-    b, t, hq, d = q.shape
-    h = k.shape[2]
-    pos = jnp.arange(t)[None, :, None]
-    qr, kr = rope(q, pos), rope(k, pos)
-    logits = jnp.einsum("bihgd,bjhd->bhgij", qr.reshape(b, t, h, hq // h, d), kr, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-        logits = logits + bias[:, :, None]
-    logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf)
-    p = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhgij,bjhd->bihgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+    """`kvjax.attention.causal_attention` of pre-RoPE q, k rotated at positions 0..T-1 (plus a bias [B, H, T, T])."""
+    pos = jnp.arange(q.shape[1])[None, :, None]
+    return attention_lib.causal_attention(rope(q, pos), rope(k, pos), v, scale=scale, bias=bias)
 
 
 def partial_states(x: Float[Array, "B T H D"], alpha: Float[Array, "B T H"], omega: Float[Array, "B T H"], window: int | None):
@@ -79,7 +71,7 @@ class DMCTraining:
     hard: straight-through hard decisions (evaluation; equals inference), else Gumbel-sigmoid.
     """
 
-    window: int | None = 12
+    window: int | None = MERGE_WINDOW
     temperature: float = TEMPERATURE
     hard: bool = False
 
@@ -168,7 +160,7 @@ def zero_out_loss(steps: int):
     return loss
 
 
-def dmc_loss(cr: float, ramp_steps: int = 0, *, window: int | None = 12, weight: float = 1.0):
+def dmc_loss(cr: float, ramp_steps: int = 0, *, window: int | None = MERGE_WINDOW, weight: float = 1.0):
     """Stages two and three: cross-entropy + weight * compression loss, the target CR ramped linearly
     over `ramp_steps` (0: fixed at `cr`, the fine-tune stage); logs the achieved CR."""
     attention = DMCTraining(window=window).attention

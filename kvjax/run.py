@@ -2,7 +2,8 @@
 
 Long inputs are consumed with `lax.scan` over chunks of a static size, each
 attending to the cache and itself and then compressed into the cache, so peak
-memory is O(capacity + chunk) whatever the input length.
+memory is O(capacity + chunk) whatever the input length. The cache carries
+its policy (`CacheSpec.init`), so none is passed here.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from jaxtyping import Array, Bool, Float, Int
 
 from kvjax.cache import KVCache
-from kvjax.policies.base import Policy, Step
+from kvjax.policies.base import Step
 from kvjax.protocol import CachedDecoder
 
 
@@ -26,20 +28,19 @@ def make_step(cache: KVCache, valid: Bool[Array, "B S"], key, *, prefill: bool, 
 
 def forward_chunk(
     model: CachedDecoder, tokens: Int[Array, "B S"], valid: Bool[Array, "B S"], cache: KVCache,
-    policy: Policy, key, *, prefill: bool, impl: str = "xla",
+    key, *, prefill: bool, impl: str = "xla",
 ) -> tuple[Float[Array, "B S d"], KVCache]:
     """Run one chunk through the model and advance `cache.seen`."""
     step = make_step(cache, valid, key, prefill=prefill, impl=impl)
-    hidden, cache = model(tokens, cache, policy, step)
+    hidden, cache = model(tokens, cache, step)
     return hidden, cache.replace(seen=step.seen_after)
 
 
 def chunked(x: Array, chunk: int) -> Array:
     """[B, T] -> [T // chunk, B, chunk] for `lax.scan`."""
-    b, t = x.shape[:2]
-    if t % chunk:
-        raise ValueError(f"length {t} is not a multiple of chunk_size={chunk}; pad it (see pad_to_chunks)")
-    return x.reshape(b, t // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+    if x.shape[1] % chunk:
+        raise ValueError(f"length {x.shape[1]} is not a multiple of chunk_size={chunk}; pad it (see pad_to_chunks)")
+    return rearrange(x, "b (n c) ... -> n b c ...", c=chunk)
 
 
 def pad_to_chunks(tokens: Array, valid: Array, chunk: int, pad_id: int = 0) -> tuple[Array, Array]:
@@ -51,7 +52,7 @@ def pad_to_chunks(tokens: Array, valid: Array, chunk: int, pad_id: int = 0) -> t
 
 def scan_chunks(
     model: CachedDecoder, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], cache: KVCache,
-    policy: Policy, key, fn: Callable, init, *, chunk_size: int, extras: tuple[Array, ...] = (), impl: str = "xla",
+    key, fn: Callable, init, *, chunk_size: int, extras: tuple[Array, ...] = (), impl: str = "xla",
 ):
     """Feed [B, T] tokens through the model chunk by chunk (`lax.scan`).
 
@@ -64,7 +65,7 @@ def scan_chunks(
     def body(state, xs):
         cache, carry = state
         tok, val, k, *ex = xs
-        hidden, cache = forward_chunk(model, tok, val, cache, policy, k, prefill=True, impl=impl)
+        hidden, cache = forward_chunk(model, tok, val, cache, k, prefill=True, impl=impl)
         carry, out = fn(carry, hidden, val, *ex)
         return (cache, carry), out
 
@@ -75,7 +76,7 @@ def scan_chunks(
 
 def prefill(
     model: CachedDecoder, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], cache: KVCache,
-    policy: Policy, key, *, chunk_size: int, impl: str = "xla",
+    key, *, chunk_size: int, impl: str = "xla",
 ) -> tuple[Float[Array, "B d"], KVCache]:
     """Consume a prompt in chunks; return each row's last valid hidden state and the cache."""
 
@@ -85,5 +86,5 @@ def prefill(
         return jnp.where(val.any(-1)[:, None], h.astype(last.dtype), last), None
 
     last0 = jnp.zeros((tokens.shape[0], model.hidden_size), jnp.float32)
-    cache, last, _ = scan_chunks(model, tokens, valid, cache, policy, key, keep_last, last0, chunk_size=chunk_size, impl=impl)
+    cache, last, _ = scan_chunks(model, tokens, valid, cache, key, keep_last, last0, chunk_size=chunk_size, impl=impl)
     return last, cache

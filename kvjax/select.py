@@ -12,8 +12,11 @@ and among equal ranks the oldest token. Two paths give the same kept set:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
+from kvjax.cache import EMPTY_POS, LayerCache
 
 INT_MAX = jnp.iinfo(jnp.int32).max
 FINITE = 1e30  # scores are clipped into (-FINITE, FINITE); +-inf are reserved
@@ -40,12 +43,42 @@ def select_chunk(fields: dict[str, Array], rank_: Float[Array, "B H N"], slots: 
     'pos' and 'valid'). Returns the same names with N replaced by `slots`.
     """
     order = jnp.lexsort((fields["pos"], rank_), axis=-1)  # ascending: worst first
-    keep = order[..., -slots:]
-    out = {}
-    for name, x in fields.items():
-        idx = keep if x.ndim == keep.ndim else keep[..., None]
-        out[name] = jnp.take_along_axis(x, idx, axis=2)
-    return out
+    return gather(fields, order[..., -slots:])
+
+
+def trailing(x: Array, like: Array) -> Array:
+    """`x` with trailing axes of size one up to `like`'s rank (to broadcast a [B, H, ...] index or mask)."""
+    return x.reshape(x.shape + (1,) * (like.ndim - x.ndim))
+
+
+def gather(fields, index: Int[Array, "B H K"], axis: int = 2):
+    """Candidates `index` along `axis` of every array in a pytree (trailing axes such as D follow)."""
+    return jax.tree.map(lambda x: jnp.take_along_axis(x, trailing(index, x), axis=axis), fields)
+
+
+def keep_best(lc: LayerCache, cand, score: Float[Array, "B H N"], rank_: Float[Array, "B H N"], step) -> LayerCache:
+    """The layer after keeping its best-ranked candidates (`kvjax.policies.scorer.Candidates`).
+
+    Decode (one token): evict the lowest candidate and write the new token over
+    it in place. A prefill chunk: sort all candidates and gather the best.
+    """
+    c = lc.slots
+    if cand.k_new.shape[2] == 1:
+        drop = evict_index(rank_, cand.pos)
+        target = jnp.where((drop < c) & step.new_valid, drop, c)  # c = out of range: no write
+        return LayerCache(
+            k=write_slot(lc.k, target, cand.k_new[:, :, 0]),
+            v=write_slot(lc.v, target, cand.v_new[:, :, 0]),
+            pos=write_slot(lc.pos, target, cand.pos[..., c]),
+            valid=write_slot(lc.valid, target, cand.valid[..., c]),
+            score=write_slot(score[..., :c], target, score[..., c]),
+        )
+    return as_layer(select_chunk(cand.fields(score), rank_, c))
+
+
+def as_layer(fields: dict[str, Array]) -> LayerCache:
+    """A LayerCache from kept candidate fields; empty slots get position EMPTY_POS."""
+    return LayerCache(**dict(fields, pos=jnp.where(fields["valid"], fields["pos"], EMPTY_POS)))
 
 
 def evict_index(rank_: Float[Array, "B H N"], pos: Int[Array, "B H N"]) -> Int[Array, "B H"]:

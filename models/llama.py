@@ -4,11 +4,13 @@ Family differences are configuration: q/k/v bias (Qwen2), per-head q/k RMSNorm
 (Qwen3, Gemma 3), RoPE layout and Llama 3.1 frequency scaling, and Gemma 3's
 GeGLU, norms around both sub-blocks, scaled embeddings, query scale and
 sliding-window layers. A sliding-window layer is a fixed-capacity cache like
-any other: `kvjax.CacheSpec.resolve` runs it with the `window` policy and the
-chosen policy on the global layers.
+any other: `kvjax.policies.resolve` runs it with the `window` policy and the
+chosen policy on the global layers, and the layer masks keys further back than
+its window.
 
 Every attention layer reads and updates its layer of a fixed-capacity
-`kvjax.KVCache` through `kvjax.attend`, so any policy runs on any input length.
+`kvjax.KVCache` through `kvjax.attend`; the cache carries each layer's policy,
+so the model only passes the cache and the `kvjax.Step` down.
 Parameter layout follows Hugging Face's `LlamaForCausalLM` (projections stored
 as [in, out] kernels) so checkpoints map one to one.
 """
@@ -142,10 +144,12 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def __call__(self, x, cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
+    def __call__(self, x, cache: kvjax.KVCache, step: kvjax.Step):
         q, k, v = self.qkv(x)
+        cfg = self.cfg
         out, cache = kvjax.attend(
-            cache, self.layer, q, k, v, policy=policy, step=step, rope=self.cfg.rope(self.layer), scale=self.cfg.attention_scale
+            cache, self.layer, q, k, v, step=step, rope=cfg.rope(self.layer), scale=cfg.attention_scale,
+            sliding_window=cfg.sliding_window if cfg.is_sliding(self.layer) else None,
         )
         return self.o_proj(out.reshape(*x.shape[:2], -1)), cache
 
@@ -183,8 +187,8 @@ class Block(nnx.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cache, policy, step):
-        return self.residual(x, lambda y: self.self_attn(y, cache, policy, step))
+    def __call__(self, x, cache, step):
+        return self.residual(x, lambda y: self.self_attn(y, cache, step))
 
     def residual(self, x, attention):
         """The block around `attention(normed x) -> (h, extra)`; returns (x, extra)."""
@@ -222,11 +226,10 @@ class Llama(nnx.Module):
         x = self.embed_tokens(tokens)
         return x * jnp.asarray(self.cfg.hidden_size**0.5, x.dtype) if self.cfg.embed_scale else x
 
-    def __call__(self, tokens: Int[Array, "B S"], cache: kvjax.KVCache, policy: kvjax.Policy, step: kvjax.Step):
+    def __call__(self, tokens: Int[Array, "B S"], cache: kvjax.KVCache, step: kvjax.Step):
         x = self.embed(tokens)
-        policy = self.cache_spec().resolve(policy)
         for block in self.layers:
-            x, cache = block(x, cache, policy, step)
+            x, cache = block(x, cache, step)
         return self.norm(x), cache
 
     def full_sequence(self, tokens: Int[Array, "B T"], attention_fn, key: jax.Array | None = None):

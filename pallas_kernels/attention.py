@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import gpu, tpu
 from pallas_kernels.blocks import combine, extent
 from pallas_kernels.region import Region
+from pallas_kernels.shapes import Array, Bool, Float, Int
 
 BACKENDS = {"gpu": gpu.region_attention, "tpu": tpu.region_attention}
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+
+from pallas_kernels.shapes import Array, Bool, Float, Int
 
 F32 = jnp.float32
 

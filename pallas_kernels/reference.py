@@ -9,7 +9,8 @@ the cache is never copied into a concatenated buffer.
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+
+from pallas_kernels.shapes import Array, Bool, Float, Int
 
 F32 = jnp.float32
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxtyping import Array, Float, Int
+from pallas_kernels.shapes import Array, Float, Int
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,8 @@ import gc  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import tests.example_policy  # noqa: E402, F401  (a third-party policy: every registry-wide test covers it)
+
 
 MAPPINGS = "/proc/self/maps"
 

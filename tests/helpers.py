@@ -1,7 +1,7 @@
 """Shared test machinery: a layer-level runner and float64 numpy references.
 
-The references are written from the formulas in ../shared/spec/methods.md,
-independently of kvjax's vectorised code: explicit Python loops over tokens,
+The references are written from the papers' formulas (cited in each policy's
+docstring), independently of kvjax's vectorised code: explicit Python loops over tokens,
 heads and candidates, in float64.
 """
 
@@ -32,7 +32,7 @@ def prefill_memory(model, policy, lengths, *, chunk: int):
     def run(state, tokens):
         m = nnx.merge(graphdef, state)
         cache = m.cache_spec().init(policy, tokens.shape[0])
-        return kvjax.prefill(m, tokens, jnp.ones_like(tokens, bool), cache, policy, jax.random.key(0), chunk_size=chunk)
+        return kvjax.prefill(m, tokens, jnp.ones_like(tokens, bool), cache, jax.random.key(0), chunk_size=chunk)
 
     stats = [run.lower(state, jnp.zeros((1, t), jnp.int32)).compile().memory_analysis() for t in lengths]
     return [(m.temp_size_in_bytes, m.output_size_in_bytes) for m in stats], functools.partial(run, state)
@@ -70,7 +70,7 @@ def run_layers(policy, q, k, v, valid, key, *, chunk):
         step = make_step(cache, val, key, prefill=chunk > 1)
         outs = []
         for layer in range(n_layers):
-            out, cache = kvjax.attend(cache, layer, qc[layer], kc[layer], vc[layer], policy=policy, step=step, rope=ROPE, scale=d**-0.5)
+            out, cache = kvjax.attend(cache, layer, qc[layer], kc[layer], vc[layer], step=step, rope=ROPE, scale=d**-0.5)
             outs.append(out)
         cache = cache.replace(seen=step.seen_after)
         return cache, (jnp.stack(outs), cache)

@@ -1,4 +1,4 @@
-"""DMC inference (spec §3, facts 17-22): learned append-or-merge against a float64 sequential reference."""
+"""DMC inference (arXiv 2403.09636, Sec. 3): learned append-or-merge against a float64 sequential reference."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def run_dmc(q, k, v, *, capacity, window, chunk=1, impl="xla"):
 @pytest.mark.parametrize("window", [None, 12, 3])
 @pytest.mark.parametrize("capacity,chunk", [(24, 1), (24, 4), (5, 3)])
 def test_dmc_matches_float64_reference(window, capacity, chunk):
-    """Outputs and final slots for random decisions and omegas (fact 22: keys are RoPE at the newest
+    """Outputs and final slots for random decisions and omegas (keys are RoPE at the newest
     position of the omega-weighted pre-RoPE mean); capacity 5 forces merges when a head is full."""
     t = 24
     q, k, v = decisions_qkv(capacity + chunk + (window or 0), t=t, merge_prob=0.5)
@@ -93,7 +93,7 @@ def test_dmc_matches_float64_reference(window, capacity, chunk):
 
 
 def test_length_grows_by_one_minus_alpha():
-    """Fact 20: the first token appends, then the slot count grows by exactly 1 - alpha per step,
+    """the first token appends, then the slot count grows by exactly 1 - alpha per step,
     and the achieved compression ratio is T / len."""
     t = 20
     q, k, v = decisions_qkv(7, t=t, merge_prob=0.6)
@@ -107,7 +107,7 @@ def test_length_grows_by_one_minus_alpha():
 
 @pytest.mark.parametrize("window", [None, 12])
 def test_always_merge_is_one_weighted_mean(window):
-    """Fact 18: alpha = 1 after the first token leaves one slot per head: the omega-weighted mean of
+    """alpha = 1 after the first token leaves one slot per head: the omega-weighted mean of
     all tokens (running mean) or of the last 12 (the authors' window); equal omegas give the plain mean."""
     t = 20
     for equal in (False, True):
@@ -153,7 +153,7 @@ def tiny_dmc_model(seed=0, scale=6.0):
 
 @pytest.mark.parametrize("window", [12, 3, None])
 def test_hard_training_attention_equals_inference_cache(window):
-    """Fact 21: with hard decisions, the full-sequence training attention (partial states, the
+    """with hard decisions, the full-sequence training attention (partial states, the
     log(1 - alpha_{j+1}) mask) gives the inference cache's next-token NLL, and the mean alpha
     the cache's lengths (CR = T / len)."""
     from kvjax.evaluate import stream_nll
@@ -174,7 +174,7 @@ def test_hard_training_attention_equals_inference_cache(window):
     from kvjax.run import prefill
 
     cache = model.cache_spec().init(policy, 2)
-    _, cache = prefill(model, tokens, jnp.ones_like(tokens, bool), cache, policy, jax.random.key(0), chunk_size=8)
+    _, cache = prefill(model, tokens, jnp.ones_like(tokens, bool), cache, jax.random.key(0), chunk_size=8)
     lengths = np.asarray(cache.lengths())  # [L, B, H]
     np.testing.assert_allclose(mean_alpha, 1 - lengths.mean(-1) / t, atol=1e-6)
 

@@ -53,12 +53,12 @@ def test_capacity_must_be_a_positive_int(capacity):
 
 
 def test_policy_specific_options_are_checked():
-    with pytest.raises(ValueError, match="num_layers"):
-        kvjax.policies.make("pyramidkv", capacity=64, window=2)
+    with pytest.raises(ValueError, match="num_layers must be the model's layer count"):
+        kvjax.policies.make("pyramidkv", capacity=64, window=2, num_layers=-1)
     with pytest.raises(ValueError, match="kernel must be an odd"):
         kvjax.policies.make("snapkv", capacity=64, window=4, kernel=4)
     with pytest.raises(ValueError, match="made for num_layers=3"):
-        kvjax.policies.make("pyramidkv", capacity=64, window=2, num_layers=3).layer_slots(2)
+        kvjax.CacheSpec(num_layers=2, kv_heads=1, head_dim=8).init(kvjax.policies.make("pyramidkv", capacity=64, window=2, num_layers=3), 1)
 
 
 def test_generate_rejects_bad_prompts(model):
@@ -98,7 +98,8 @@ def test_sampler_rejects_bad_settings():
 
 
 def _attend_inputs(batch=1, chunk=2, q_heads=4, kv_heads=2, dim=8, dtype=jnp.float32):
-    cache = kvjax.init_cache(slots=4, num_layers=1, batch=batch, kv_heads=kv_heads, head_dim=dim, dtype=dtype)
+    spec = kvjax.CacheSpec(num_layers=1, kv_heads=kv_heads, head_dim=dim, dtype=jnp.dtype(dtype).name)
+    cache = spec.init(kvjax.policies.make("window", capacity=4), batch)
     step = make_step(cache, jnp.ones((batch, chunk), bool), jax.random.key(0), prefill=True)
     q = jnp.zeros((batch, chunk, q_heads, dim), dtype)
     kv = jnp.zeros((batch, chunk, kv_heads, dim), dtype)
@@ -106,9 +107,11 @@ def _attend_inputs(batch=1, chunk=2, q_heads=4, kv_heads=2, dim=8, dtype=jnp.flo
 
 
 def test_attend_checks_shapes_and_dtypes():
-    policy = kvjax.policies.make("window", capacity=4)
-    kwargs = dict(policy=policy, rope=kvjax.Rope(), scale=1.0)
+    kwargs = dict(rope=kvjax.Rope(), scale=1.0)
     cache, step, q, kv = _attend_inputs()
+    bare = kvjax.init_cache(slots=4, num_layers=1, batch=1, kv_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match=r"no policy; build it with CacheSpec.init\(policy, batch\)"):
+        kvjax.attend(bare, 0, q, kv, kv, step=step, **kwargs)
     with pytest.raises(ValueError, match=r"k has shape \(1, 2, 3, 8\), expected \[batch, chunk, kv_heads, head_dim\]"):
         kvjax.attend(cache, 0, q, jnp.zeros((1, 2, 3, 8)), kv, step=step, **kwargs)
     with pytest.raises(ValueError, match="q has shape"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ from flax import nnx
 
 import kvjax
 from kvjax.generate import _generate
-from kvjax.run import scan_chunks
+from kvjax.run import forward_chunk, scan_chunks
 from models import Llama, LlamaConfig
 from tests.helpers import decision_dimension_zeroed, prefill_memory
 from tests.test_policies import POLICIES, make_policy
@@ -33,7 +34,7 @@ def _all_logits(graphdef, state, tokens, *, policy, chunk):
     model = nnx.merge(graphdef, state)
     cache = model.cache_spec().init(policy, tokens.shape[0])
     logits_of = lambda carry, hidden, valid: (carry, model.logits(hidden))  # noqa: E731
-    _, _, logits = scan_chunks(model, tokens, jnp.ones_like(tokens, bool), cache, policy, jax.random.key(0), logits_of, None, chunk_size=chunk)
+    _, _, logits = scan_chunks(model, tokens, jnp.ones_like(tokens, bool), cache, jax.random.key(0), logits_of, None, chunk_size=chunk)
     return jnp.concatenate(list(logits), axis=1)
 
 
@@ -51,7 +52,7 @@ def test_capacity_covering_the_sequence_equals_full(model, name):
         policy = kvjax.policies.make("pyramidkv", capacity=40, window=1, kernel=3, num_layers=2, beta=1.0)
     if name == "pod":  # blocks of size one (sharing keys is an approximation even with room for all)
         policy = kvjax.policies.make("pod", capacity=40, sinks=1, window=1)
-    if name == "dmc":  # fact 17: a model whose decision dimension is 0 never merges and loses nothing
+    if name == "dmc":  # a model whose decision dimension is 0 never merges and loses nothing
         model = decision_dimension_zeroed(model)
     full = kvjax.policies.make("full", capacity=40)
     np.testing.assert_allclose(all_logits(model, tokens, policy), all_logits(model, tokens, full), atol=2e-5, rtol=1e-5)
@@ -121,10 +122,26 @@ def test_cache_buffers_are_donated(model):
     graphdef, state = nnx.split(model)
     tokens = prompt(4, length=8)
     _generate(
-        graphdef, state, tokens, jnp.ones_like(tokens, bool), cache, jax.random.key(0), policy=policy,
+        graphdef, state, tokens, jnp.ones_like(tokens, bool), cache, jax.random.key(0),
         sampler=kvjax.Sampler(), stop_tokens=(), max_new_tokens=3, chunk_size=8, pad_id=0, impl="xla",
     )
     assert all(x.is_deleted() for x in jax.tree.leaves(cache))
+
+
+@pytest.mark.parametrize("name", ["h2o", "kvmerger", "pod", "dmc"])
+def test_decode_steps_trace_once(model, name):
+    """A jitted decode step is traced once while its cache fills up and starts evicting."""
+    graphdef, state = nnx.split(model)
+    cache = model.cache_spec().init(kvjax.policies.make(name, capacity=6, **({"sinks": 1, "window": 2} if name == "pod" else {})), 1)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state, cache, token, key):
+        return forward_chunk(nnx.merge(graphdef, state), token, jnp.ones_like(token, bool), cache, key, prefill=False)
+
+    for i in range(10):
+        _, cache = step(state, cache, jnp.full((1, 1), i + 1, jnp.int32), jax.random.key(i))
+    assert int(cache.seen[0]) == 10 and int(cache.lengths().max()) <= 6
 
 
 def test_prefill_memory_does_not_grow_with_the_prompt(model):

@@ -1,4 +1,4 @@
-"""Merging policies (BCT, KVMerger) against float64 numpy versions of their rules (spec §1, §2, facts 14-16)."""
+"""Merging policies (BCT, KVMerger) against float64 numpy versions of their rules (arXiv 2411.15785; arXiv 2407.08454, Sec. 3)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def run_merge(policy, f, slots):
     for n in ("k", "v", "score"):
         batched[n] = batched[n].astype(jnp.float32)
     step = Step(seen=jnp.array([len(f["pos"])]), positions=jnp.zeros((1, 1), jnp.int32), new_valid=jnp.ones((1, 1), bool), key=jax.random.key(0))
-    out = jax.jit(lambda b: policy.merge(b, None, step, 0, slots))(batched)
+    out = jax.jit(lambda b: policy.merge(b, None, step, slots))(batched)
     return {n: np.asarray(x[0, 0]) for n, x in out.items()}
 
 
@@ -102,7 +102,7 @@ def test_kvmerger_set_properties():
 
 
 def test_identical_keys_merge_to_themselves():
-    """Fact 15: equal keys give equal weights: the key itself and the plain mean of the values."""
+    """equal keys give equal weights: the key itself and the plain mean of the values."""
     n, d = 6, 4
     rng = np.random.default_rng(0)
     key = rng.normal(size=d)
@@ -115,10 +115,12 @@ def test_identical_keys_merge_to_themselves():
 
 
 def test_kvmerger_excluded_layers_evict_instead():
-    policy = kvjax.policies.make("kvmerger", capacity=16, num_layers=6)
-    assert [policy.for_layer(i).name for i in range(6)] == ["h2o", "h2o", "kvmerger", "kvmerger", "kvmerger", "h2o"]
-    with pytest.raises(ValueError, match="pass num_layers"):
-        kvjax.policies.make("kvmerger", capacity=16)
+    spec = kvjax.CacheSpec(num_layers=6, kv_heads=1, head_dim=8)
+    for options in (dict(num_layers=6), {}):  # the layer count comes from the model unless given
+        layers = kvjax.policies.resolve(kvjax.policies.make("kvmerger", capacity=16, **options), spec)
+        assert [p.name for p in layers] == ["h2o", "h2o", "kvmerger", "kvmerger", "kvmerger", "h2o"]
+    with pytest.raises(ValueError, match="made for num_layers=4, the model has 6"):
+        kvjax.policies.resolve(kvjax.policies.make("kvmerger", capacity=16, num_layers=4), spec)
     with pytest.raises(ValueError, match="capacity >= 6"):
         kvjax.policies.make("kvmerger", capacity=5, protect=4, window=1, exclude_layers=())
 
@@ -157,7 +159,7 @@ def test_bct_matches_sequential_reference(window):
     new = dict(k=arr("k").astype(jnp.float32), v=arr("v").astype(jnp.float32), pos=arr("pos"), valid=jnp.ones((1, 1, 14), bool),
                score=jnp.ones((1, 1, 14)))
     f = {n: jnp.concatenate([empty[n], new[n]], 2) for n in empty}
-    got = {n: np.asarray(x[0, 0]) for n, x in policy.merge(f, None, None, 0, capacity).items()}
+    got = {n: np.asarray(x[0, 0]) for n, x in policy.merge(f, None, None, capacity).items()}
     assert got["valid"].all() and sorted(got["pos"].tolist()) == sorted(want)
     for s in range(capacity):
         ref = want[int(got["pos"][s])]
@@ -182,7 +184,7 @@ def test_merge_profile_measures_neighbour_similarity():
     loose, strict = merge_profile(model, tokens, threshold=-1.0, chunk_size=16), merge_profile(model, tokens, threshold=0.3, chunk_size=16)
     assert loose.mergeable == (1.0, 1.0, 1.0)  # every cosine exceeds -1
     cache = kvjax.prefill(model, tokens, jnp.ones_like(tokens, bool), model.cache_spec().init(kvjax.policies.make("full", capacity=40), 2),
-                          kvjax.policies.make("full", capacity=40), jax.random.key(0), chunk_size=8)[1]
+                          jax.random.key(0), chunk_size=8)[1]
     for layer, got in enumerate(strict.mergeable):
         lc = jax.tree.map(np.asarray, cache.layers[layer])
         k = np.take_along_axis(lc.k, np.argsort(lc.pos, -1)[..., None], 2).astype(np.float64)

@@ -67,7 +67,7 @@ def test_every_policy_generates_on_smollm2(smollm2, name):
         policy = kvjax.policies.make("pyramidkv", capacity=room, window=8, num_layers=model.cfg.num_layers, beta=1.0)
     else:
         policy = make_policy(name, room)
-    if name == "dmc":  # fact 17 on a real model: with its decision dimension zeroed, DMC never merges
+    if name == "dmc":  # with its decision dimension zeroed, DMC never merges
         model = decision_dimension_zeroed(model)
         want = kvjax.generate(model, prompt, policy=kvjax.policies.make("full", capacity=room), max_new_tokens=64, chunk_size=256).tokens
     else:

@@ -1,4 +1,4 @@
-"""POD (spec §4, facts 23-25): distant keys shared inside layer blocks, checked against float64
+"""POD (arXiv 2412.02252, Sec. 3-4): distant keys shared inside layer blocks, checked against float64
 attention over the right key sets; memory accounting; calibration of the blocks."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def pod(capacity, **kw):
 
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_blocks_of_size_one_are_full_attention(chunk):
-    """Fact 23: no sharing, and a ring that holds everything: exactly full attention,
+    """no sharing, and a ring that holds everything: exactly full attention,
     with most tokens read from the distant ring."""
     q, k, v = random_qkv(1, layers=2, length=24)
     valid = jnp.ones((1, 24), bool)
@@ -32,7 +32,7 @@ def test_blocks_of_size_one_are_full_attention(chunk):
 
 
 def test_all_proximal_is_full_attention_whatever_the_blocks():
-    """Fact 24: with T <= sinks + window nothing is distant, so sharing changes nothing."""
+    """with T <= sinks + window nothing is distant, so sharing changes nothing."""
     q, k, v = random_qkv(2, layers=3, length=12)
     valid = jnp.ones((1, 12), bool)
     shared = pod(14, sinks=4, window=8, owners=((0,), (0,), (0,)))
@@ -65,7 +65,7 @@ def test_shared_distant_keys_match_float64_reference():
 
 
 def test_memory_accounting_matches_the_formula():
-    """Fact 25: non-owner (layer, head) pairs hold no distant keys; the saving on the distant
+    """non-owner (layer, head) pairs hold no distant keys; the saving on the distant
     ring's K+V is (L*H - owner pairs) / (2*L*H)."""
     spec = kvjax.CacheSpec(num_layers=4, kv_heads=2, head_dim=16, dtype="bfloat16")
     owners = ((0, 0), (0, 1), (0, 1), (3, 1))  # owner pairs: (0,0) (0,1) (1,1) (3,0)

@@ -1,5 +1,5 @@
-"""Each policy's selection against a float64 numpy implementation of its formula
-(../shared/spec/methods.md section 5)."""
+"""Each policy's selection against a float64 numpy implementation of its paper's formula
+(H2O, TOVA, SnapKV, PyramidKV, KNorm, StreamingLLM; papers cited in each policy)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_h2o_accumulated_attention_matches_reference():
 
 
 def test_h2o_scores_sum_to_queries_times_group():
-    """Spec fact 8: every attention row sums to one, so with nothing evicted the
+    """every attention row sums to one, so with nothing evicted the
     accumulated scores of a KV head sum to (queries processed) x (group size)."""
     q, k, v = random_qkv(2, length=12, q_heads=6, kv_heads=2)
     _, cache, _ = run(kvjax.policies.make("h2o", capacity=16), q, k, v, chunk=4)
@@ -49,7 +49,7 @@ def test_h2o_scores_sum_to_queries_times_group():
 
 
 def test_h2o_without_heavy_hitters_is_a_sliding_window():
-    """Spec fact 7."""
+    """With window = capacity, H2O keeps exactly the most recent tokens."""
     q, k, v = random_qkv(3, length=20)
     _, h2o, _ = run(kvjax.policies.make("h2o", capacity=5, window=5), q, k, v, chunk=1)
     _, win, _ = run(kvjax.policies.make("window", capacity=5), q, k, v, chunk=1)
@@ -57,7 +57,7 @@ def test_h2o_without_heavy_hitters_is_a_sliding_window():
 
 
 def test_tova_head_average_matches_reference():
-    """Spec fact 9: one eviction per step, the lowest head-averaged attention of
+    """one eviction per step, the lowest head-averaged attention of
     the current query; every head of the layer keeps the same tokens."""
     q, k, v = random_qkv(4, length=18, q_heads=4, kv_heads=2)
     _, cache, _ = run(kvjax.policies.make("tova", capacity=5), q, k, v, chunk=1)
@@ -70,7 +70,7 @@ def test_tova_head_average_matches_reference():
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_snapkv_pooled_votes_match_reference(kv_heads):
-    """Whole prompt in one chunk: SnapKV's kept set, per head (spec fact 10)."""
+    """Whole prompt in one chunk: SnapKV's kept set, per head."""
     q, k, v = random_qkv(5 + kv_heads, length=24, q_heads=4, kv_heads=kv_heads)
     policy = kvjax.policies.make("snapkv", capacity=9, window=3, kernel=5)
     _, cache, _ = run(policy, q, k, v, chunk=24)
@@ -78,7 +78,7 @@ def test_snapkv_pooled_votes_match_reference(kv_heads):
 
 
 def test_pyramidkv_budgets_follow_the_formula():
-    """Spec fact 11: budgets non-increasing with depth, mean = the uniform budget."""
+    """budgets non-increasing with depth, mean = the uniform budget."""
     for capacity, window, layers, beta in [(256, 8, 12, 20.0), (100, 4, 7, 5.0), (64, 2, 2, 2.0)]:
         lo = capacity / beta
         hi = 2 * capacity - lo
@@ -98,13 +98,13 @@ def test_pyramidkv_keeps_each_layers_budget():
     policy = kvjax.policies.make("pyramidkv", capacity=8, window=2, kernel=3, num_layers=layers, beta=2.0)
     q, k, v = random_qkv(6, layers=layers, length=24)
     _, cache, _ = run(policy, q, k, v, chunk=8)
-    assert np.asarray(cache.lengths())[:, 0, 0].tolist() == list(policy.budgets) == [12, 8, 4]
-    assert cache.slots == policy.layer_slots(layers) == (12, 8, 4)  # memory follows the pyramid
+    assert np.asarray(cache.lengths())[:, 0, 0].tolist() == list(policy.budgets(layers)) == [12, 8, 4]
+    assert cache.slots == (12, 8, 4)  # memory follows the pyramid
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 12])
 def test_knorm_keeps_the_smallest_key_norms(chunk):
-    """Spec fact 12 (RoPE preserves norms, so pre- or post-RoPE norms agree)."""
+    """KNorm keeps the smallest key norms (RoPE preserves norms, so pre- or post-RoPE agree)."""
     q, k, v = random_qkv(7, length=24)
     _, cache, _ = run(kvjax.policies.make("knorm", capacity=7), q, k, v, chunk=chunk)
     norms = np.linalg.norm(k[0, 0].astype(np.float64), axis=-1)  # [T, H]
@@ -113,14 +113,14 @@ def test_knorm_keeps_the_smallest_key_norms(chunk):
 
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_streaming_llm_keeps_sinks_and_recent(chunk):
-    """Spec fact 5: first `sinks` tokens never evicted, then the most recent."""
+    """first `sinks` tokens never evicted, then the most recent."""
     q, k, v = random_qkv(8, length=24)
     _, cache, _ = run(kvjax.policies.make("streaming_llm", capacity=7, sinks=3), q, k, v, chunk=chunk)
     assert kept_sets(cache) == [[0, 1, 2, 20, 21, 22, 23]] * 2
 
 
 def test_streaming_llm_rerotation_matches_reference():
-    """Spec fact 6: keys rotated at their cache position, the query right after
+    """keys rotated at their cache position, the query right after
     the cached tokens; compared with a float64 token-by-token reference."""
     sinks, capacity, t = 2, 5, 14
     q, k, v = random_qkv(9, length=t, q_heads=2, kv_heads=1)

@@ -1,27 +1,49 @@
-"""Policy registry: `names()` and `make(name, capacity=..., **options)`."""
+"""Policy registry (`names()`, `options(name)`, `make(name, capacity=..., **options)`,
+`register`) and `resolve`, the one step that binds a policy to a model.
+
+An entry is a policy class or a factory function; `make` checks the options
+against its signature. Shorthand options that compose parts stay available:
+`make("streaming_llm", rerotate=True)` is `KeyRerotation(StreamingLLM(...))`,
+`make("pod", select="snapkv")` is POD with the SnapKV-voted ring.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
+from collections.abc import Callable
 
-from kvjax.policies.base import Candidates, Policy, Step
+from kvjax.policies.base import Policy, Step
 from kvjax.policies.bct import BCT
 from kvjax.policies.dmc import DMC
 from kvjax.policies.full import Full
 from kvjax.policies.h2o import H2O
 from kvjax.policies.knorm import KNorm
 from kvjax.policies.kvmerger import KVMerger
+from kvjax.policies.merging import MergingPolicy
 from kvjax.policies.per_layer import PerLayer
-from kvjax.policies.pod import POD
+from kvjax.policies.pod import POD, NewestRing, SnapKVRing
 from kvjax.policies.pyramidkv import PyramidKV, pyramid_budgets
 from kvjax.policies.random import Random
+from kvjax.policies.scorer import Candidates, KeyRerotation, ScorerPolicy
 from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.tova import TOVA
 from kvjax.policies.window import StreamingLLM, Window
 
-REGISTRY: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, Window, StreamingLLM, H2O, TOVA, SnapKV, PyramidKV, KNorm, Random, BCT, KVMerger, POD, DMC)
-}
+REGISTRY: dict[str, Callable[..., Policy]] = {}
+
+
+def register(factory: Callable[..., Policy] | None = None, *, name: str | None = None):
+    """Register a policy class (under its `name`) or a factory `f(capacity, **options)`;
+    usable as a decorator. Re-registering a name replaces it."""
+
+    def add(f):
+        key = name or getattr(f, "name", "") or f.__name__
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"register: {f!r} has no name; pass register(..., name='my_policy')")
+        REGISTRY[key] = f
+        return f
+
+    return add if factory is None else add(factory)
 
 
 def names() -> list[str]:
@@ -29,24 +51,68 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def options(name: str) -> list[str]:
-    """Options `make` accepts for a policy (besides capacity)."""
-    return [f.name for f in dataclasses.fields(_lookup(name)) if f.name != "capacity"]
-
-
-def _lookup(name: str) -> type[Policy]:
+def _lookup(name: str) -> Callable[..., Policy]:
     if name not in REGISTRY:
         raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(names())}")
     return REGISTRY[name]
 
 
+def options(name: str) -> list[str]:
+    """Options `make` accepts for a policy (besides capacity)."""
+    return [p for p in inspect.signature(_lookup(name)).parameters if p != "capacity"]
+
+
 def make(name: str, capacity: int, **kwargs) -> Policy:
     """Build a policy by registry name, e.g. `make("h2o", capacity=256, window=64)`."""
-    cls = _lookup(name)
+    factory = _lookup(name)
     unknown = sorted(set(kwargs) - set(options(name)))
     if unknown:
         raise TypeError(f"policy {name!r} takes no option(s) {unknown}; its options are {options(name)}")
-    return cls(capacity=capacity, **kwargs)
+    return factory(capacity=capacity, **kwargs)
 
 
-__all__ = ["Candidates", "PerLayer", "Policy", "Step", "make", "names", "options", "pyramid_budgets", *[c.__name__ for c in REGISTRY.values()]]
+def resolve(policy: Policy, spec) -> tuple[Policy, ...]:
+    """The policy of every layer of a model with cache `spec`, bound to it (`Policy.resolve`).
+
+    Sliding-window layers (a window of w tokens, the current one included) run
+    the `window` policy with capacity w - 1; the given policy runs the others.
+    """
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a kvjax Policy (see kvjax.policies.make), got {type(policy).__name__}")
+    layers = policy.resolve(spec)
+    windows = spec.sliding_windows or (None,) * spec.num_layers
+    return tuple(p if w is None else Window(capacity=w - 1) for p, w in zip(layers, windows, strict=True))
+
+
+def streaming_llm(capacity: int, sinks: int = 4, window: int | None = None, rerotate: bool = False) -> Policy:
+    """StreamingLLM; `rerotate=True` is `KeyRerotation(StreamingLLM(...))`, the paper's convention."""
+    policy = StreamingLLM(capacity=capacity, sinks=sinks, window=window)
+    return KeyRerotation(policy) if rerotate else policy
+
+
+def window(capacity: int, rerotate: bool = False) -> Policy:
+    """The last `capacity` tokens; `rerotate=True` wraps it in `KeyRerotation`."""
+    policy = Window(capacity=capacity)
+    return KeyRerotation(policy) if rerotate else policy
+
+
+def pod(capacity: int, sinks: int = 16, window: int | None = None, owners=None, select: str | None = None,
+        select_window: int = 64, select_kernel: int = 5) -> Policy:
+    """POD; `select="snapkv"` chooses the distant ring by SnapKV's votes (POD + SnapKV)."""
+    if select not in (None, "snapkv"):
+        raise ValueError(f"pod: select must be None or 'snapkv', got {select!r}")
+    ring = NewestRing() if select is None else SnapKVRing(window=select_window, kernel=select_kernel)
+    return POD(capacity=capacity, sinks=sinks, window=window, owners=owners, ring=ring)
+
+
+for _entry in (Full, H2O, TOVA, SnapKV, PyramidKV, KNorm, Random, BCT, KVMerger, DMC):
+    register(_entry)
+register(window, name="window")
+register(streaming_llm, name="streaming_llm")
+register(pod, name="pod")
+
+__all__ = [
+    "BCT", "Candidates", "DMC", "Full", "H2O", "KNorm", "KVMerger", "KeyRerotation", "MergingPolicy", "NewestRing", "POD",
+    "PerLayer", "Policy", "PyramidKV", "Random", "ScorerPolicy", "SnapKV", "SnapKVRing", "Step", "StreamingLLM", "TOVA",
+    "Window", "make", "names", "options", "pyramid_budgets", "register", "resolve",
+]

@@ -1,27 +1,36 @@
-"""The contract every compression policy follows.
+"""The general tier of the policy contract: one layer update over a fixed-shape cache.
 
-A policy is a frozen dataclass of static settings. Once a chunk of tokens has
-been attended to, the cache slots and the chunk's tokens are the *candidates*
-for the layer's slots; the policy gives each candidate a score (what it keeps
-in `KVCache.score`) and the shared machinery in `kvjax.select` keeps the best
-of them in the layer's slots, with the protected tokens (the first `sinks` and the last
-`window` tokens seen) always kept. So a method is its scoring and little else.
+A policy is a frozen dataclass of static settings. Before a loop it is bound
+to the model once (`resolve`, kvpress's `post_init_from_model`): one policy per
+layer, with the model's facts (layer count, KV heads, head size, sliding
+windows) filled in. The cache carries that per-layer tuple, so a model's
+layers only hand `kvjax.attend` their queries, keys, values and the `Step`.
 
-Ties are broken towards evicting the older token, identically for a chunk and
-for a single decode step.
+Every policy implements `update`: attend the chunk's queries over the layer's
+slots and the chunk, then write what the layer keeps. Two shared
+implementations cover most methods:
+- `kvjax.policies.scorer.ScorerPolicy`: score the candidates and keep the best
+  (a method is its `score`, e.g. H2O, SnapKV, KNorm);
+- `kvjax.policies.merging.MergingPolicy`: rewrite the slots by merging (BCT, KVMerger).
+Methods that do their own thing (DMC, POD) implement `update` with the library
+pieces: `LayerAttention` (RoPE and attention), `kvjax.select`, the cache's
+`replace_layer` / `replace_state`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
-Stats = Literal["all", "last", "window"] | None
+if TYPE_CHECKING:
+    from kvjax.attention import LayerAttention
+    from kvjax.cache import KVCache
+    from kvjax.protocol import CacheSpec
 
 
 @struct.dataclass
@@ -48,117 +57,73 @@ class Step:
         return self.seen + self.new_valid.sum(-1).astype(jnp.int32)
 
 
-class Candidates(NamedTuple):
-    """Cache slots (first `num_cache`) followed by the chunk's tokens, per KV head.
+def check_int(policy: object, name: str, value, lowest: int) -> None:
+    """Raise unless `value` is an int >= lowest, naming the policy and the option."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+        raise ValueError(f"{getattr(policy, 'name', type(policy).__name__)}: {name} must be an int >= {lowest}, got {value!r}")
 
-    score: [B, H, N] stored score (0 for chunk tokens).
-    mass:  [B, H, N] attention mass received in this chunk, if the policy asked.
-    pos, valid: [B, H, N].
-    k_new: [B, H, S, D] the chunk's keys as they will be stored.
-    num_cache: C, the number of cache slots leading the candidates.
-    group: query heads per KV head.
+
+def derive_defaults(policy: object, **rules) -> None:
+    """Fill options left at None from the capacity: `rules` maps an option to capacity -> value.
+
+    The one way a policy's default depends on its capacity (H2O's window =
+    capacity // 2, ...). A capacity that is not an int leaves 0, so that the
+    capacity check names the real problem.
     """
-
-    score: Float[Array, "B H N"]
-    mass: Float[Array, "B H N"] | None
-    pos: Int[Array, "B H N"]
-    valid: Bool[Array, "B H N"]
-    k_new: Float[Array, "B H S D"]
-    num_cache: int
-    group: int
-
-    @property
-    def is_new(self) -> Bool[Array, " N"]:
-        return jnp.arange(self.pos.shape[-1]) >= self.num_cache
+    capacity = getattr(policy, "capacity")
+    for name, rule in rules.items():
+        if getattr(policy, name) is None:
+            object.__setattr__(policy, name, rule(capacity) if isinstance(capacity, int) else 0)
 
 
-@dataclasses.dataclass(frozen=True)
 class Policy:
-    """Base: static capacity, protected sinks and recent window, a score.
+    """A compression policy: what one layer's fixed number of slots holds.
 
-    capacity: slots per (layer, batch row, KV head).
-    sinks: the first `sinks` tokens are never evicted.
-    window: the most recent `window` tokens are never evicted.
+    Subclasses are frozen dataclasses with a `capacity` (slots per layer, batch
+    row and KV head) and a registry `name`, and implement `update`.
     """
 
     capacity: int
-    sinks: int = 0
-    window: int = 0
-
     name: ClassVar[str] = ""
-    stats: ClassVar[Stats] = None  # which attention statistic `score` consumes
-    pure_eviction: ClassVar[bool] = True  # kept slots are the original (k, v)
-    evicts: ClassVar[bool] = True  # False: overflowing the capacity is an error
-    rotate_at_cache_position: ClassVar[bool] = False  # keys stored before RoPE
-    max_distance: ClassVar[int | None] = None  # attention masks keys further back (sliding window)
-    merges: ClassVar[bool] = False  # slots are rewritten by `merge`, not kept by rank
-    shares_keys: ClassVar[bool] = False  # attends over other layers' state in `KVCache.state` (POD)
-    owns_update: ClassVar[bool] = False  # attends and updates its layer itself in `attend_layer` (DMC)
 
-    def __post_init__(self):
-        for field, lowest in (("capacity", 1), ("sinks", 0), ("window", 0)):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
-                raise ValueError(f"{self.name}: {field} must be an int >= {lowest}, got {value!r}")
-        if self.capacity < self.min_capacity:
-            raise ValueError(
-                f"{self.name}: capacity={self.capacity} cannot hold the protected tokens "
-                f"({self.protected_description}); use capacity >= {self.min_capacity}"
-            )
+    def resolve(self, spec: CacheSpec) -> tuple[Policy, ...]:
+        """The policy of every layer of a model with cache `spec` (default: this one in each).
+
+        The one hook through which model facts reach a policy; overridden by
+        policies whose layers differ (PyramidKV's budgets, KVMerger's excluded
+        layers) or that check the model (POD, DMC).
+        """
+        return (self,) * spec.num_layers
 
     @property
-    def min_capacity(self) -> int:
-        return self.sinks + self.window
+    def slots(self) -> int:
+        """Static slot count of the layer this policy runs."""
+        return self.capacity
 
-    @property
-    def protected_description(self) -> str:
-        return f"sinks={self.sinks} + window={self.window}"
+    def init_state(self, spec: CacheSpec, layer: int, batch: int):
+        """State this layer keeps beside its slots in `KVCache.state[layer]` (None: none)."""
+        return None
 
-    def for_layer(self, layer: int) -> "Policy":
-        """The policy that runs `layer` (itself, unless policies differ per layer)."""
-        return self
+    def check_length(self, tokens: int) -> None:
+        """Raise if this policy cannot serve a sequence of `tokens` tokens (policies that never evict)."""
 
-    def layer_slots(self, num_layers: int) -> tuple[int, ...]:
-        """Static slot count of each layer's cache (uniform unless a policy says otherwise)."""
-        return (self.capacity,) * num_layers
+    def update(
+        self,
+        cache: KVCache,
+        layer: int,
+        q: Float[Array, "B S Hq D"],
+        k: Float[Array, "B S H D"],
+        v: Float[Array, "B S H D"],
+        step: Step,
+        attn: LayerAttention,
+    ) -> tuple[Float[Array, "B S Hq D"], KVCache]:
+        """Attend the chunk's pre-RoPE queries over layer `layer`, then compress the chunk into it.
 
-    def stat_weights(self, step: Step) -> Float[Array, "B S"] | None:
-        """Per-query weights of the attention mass the policy consumes, or None."""
-        valid = step.new_valid.astype(jnp.float32)
-        if self.stats is None:
-            return None
-        if self.stats == "all":
-            return valid
-        if self.stats == "last":
-            last = jnp.cumsum(step.new_valid[:, ::-1], axis=-1)[:, ::-1] == 1
-            return (last & step.new_valid).astype(jnp.float32)
-        raise NotImplementedError(f"{self.name}: stats={self.stats!r} needs its own stat_weights")
-
-    def init_state(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> tuple:
-        """Per-layer state kept beside the slots in `KVCache.state` (none by default)."""
-        return ()
-
-    def score(self, cand: Candidates, step: Step, layer: int) -> Float[Array, "B H N"]:
-        """Score of every candidate; higher is kept. Default: keep the newest."""
-        return jnp.zeros_like(cand.score)
-
-    def merge(self, fields: dict[str, Array], cand: Candidates, step: Step, layer: int, slots: int) -> dict[str, Array]:
-        """Merging policies: the layer's new slots from all candidates.
-
-        `fields` holds k, v [B, H, N, D] and pos, valid, score [B, H, N] of the
-        candidates (score as returned by `score`); returns the same names with
-        N replaced by `slots`.
+        Reads and writes the layer's slots (`cache.layers[layer]`) and its state
+        (`cache.state[layer]`); POD also reads the rings of earlier layers.
+        Returns the attention output and the cache (the caller advances `seen`).
         """
-        raise NotImplementedError(f"{self.name} sets merges=True but has no merge()")
+        raise NotImplementedError(f"{type(self).__name__} must implement update()")
 
-    def key_positions(self, pos, valid, step: Step):
-        """Positions the cached keys and the chunk are rotated at for attention.
-
-        Returns (cache key positions [B, H, C] or None when the cached keys are
-        already rotated, chunk positions [B, S]).
-        """
-        return None, step.positions
-
-    def protected(self, pos: Int[Array, "B H N"], valid: Bool[Array, "B H N"], step: Step) -> Bool[Array, "B H N"]:
-        recent = pos >= (step.seen_after - self.window)[:, None, None]
-        return valid & ((pos < self.sinks) | recent)
+    def _check_capacity(self) -> None:
+        check_int(self, "capacity", self.capacity, 1)

@@ -1,7 +1,7 @@
 """BCT, Bounded-Cache Transformer (arXiv 2411.15785): a predefined capacity, updated by merging.
 
 The paper fixes the cache length and "dynamically updates" the key/value
-sequences inside it, but its update rule was not available to us (spec §1).
+sequences inside it (Sec. 3), but its update rule is not published.
 Our rule, which we can defend from that text: keep the first `sinks` tokens
 and the last `window` tokens; when the cache is full, the token that must make
 room (the incoming token when `window=0`, otherwise the one leaving the recent
@@ -20,21 +20,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.policies.base import Policy
-from kvjax.policies.merging import cosine
-from kvjax.select import write_slot
+from kvjax.policies.merging import MergingPolicy, cosine
+from kvjax.select import gather, write_slot
 
 
 @dataclasses.dataclass(frozen=True)
-class BCT(Policy):
+class BCT(MergingPolicy):
     """Keeps: sinks + recent window + merged slots. Scores: member count per slot."""
 
     sinks: int = 4
     window: int = 0
 
     name = "bct"
-    pure_eviction = False
-    merges = True
 
     @property
     def min_capacity(self) -> int:
@@ -47,7 +44,7 @@ class BCT(Policy):
     def score(self, cand, step, layer):
         return jnp.where(cand.is_new, 1.0, cand.score)  # a new token stands for itself
 
-    def merge(self, fields, cand, step, layer, slots):
+    def merge(self, fields, cand, step, slots):
         c = slots
         cache = {name: x[:, :, :c] for name, x in fields.items()}
         chunk = {name: jnp.moveaxis(x[:, :, c:], 2, 0) for name, x in fields.items()}  # scan over the chunk
@@ -58,7 +55,7 @@ class BCT(Policy):
         """Insert one token per (row, head): into a free slot, else merge as the module says."""
         c = cache["k"].shape[2]
         cand = {n: jnp.concatenate([x, tok[n][:, :, None]], 2) for n, x in cache.items()}  # C slots + the token
-        pick = lambda x, i: jnp.take_along_axis(x, i.reshape(i.shape + (1,) * (x.ndim - 2)), 2)[:, :, 0]  # noqa: E731
+        pick = lambda x, i: gather(x, i[..., None])[:, :, 0]  # noqa: E731
         old = cand["pos"] <= tok["pos"][..., None] - self.window  # outside the recent window
         movable = cand["valid"] & (cand["pos"] >= self.sinks) & old
         victim = jnp.argmax(jnp.where(movable, cand["pos"], -1), -1)  # the newest movable token

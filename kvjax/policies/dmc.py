@@ -2,7 +2,7 @@
 
 Every (batch row, KV head) decides for each new token t whether to append it
 as a new slot or merge it into the head's last (open) slot, from its own key
-and query (spec §3, the authors' inference kernel):
+and query (Sec. 3.1-3.2, Eq. 4-6; constants from the authors' inference code):
 
     alpha_t = 1[k_t[d-1] - 5 > 0]                  (merge; the first token appends)
     omega_t = sigmoid(mean_g q_t[d-1] + 5) + eps   (importance, averaged over the query heads of the group)
@@ -34,35 +34,30 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
+from einops import reduce
+
 from kvjax import select
-from kvjax.attention import attention
-from kvjax.cache import KVCache, LayerCache
-from kvjax.policies.base import Policy, Step
-from kvjax.rope import Rope
+from kvjax.cache import LayerCache
+from kvjax.policies.base import Policy, check_int
+from kvjax.select import trailing
 
 OFFSET = 5.0  # c in alpha's logit k[d-1] - c and in omega = sigmoid(q[d-1] + c) (dmc_init_val)
 OMEGA_EPS = float(jnp.finfo(jnp.bfloat16).eps)  # added to omega, as in the authors' code
+MERGE_WINDOW = 12  # members averaged per slot in the authors' code; inference and retrofit share it
 
 
 def decision_inputs(
     q: Float[Array, "B S Hq D"], k: Float[Array, "B S H D"]
 ) -> tuple[Float[Array, "B S H"], Float[Array, "B S H"]]:
     """(alpha logit k[d-1] - 5, omega) per token and KV head, in f32."""
-    b, s, hq, _ = q.shape
-    h = k.shape[2]
     logit = k[..., -1].astype(jnp.float32) - OFFSET
-    q_last = q[..., -1].astype(jnp.float32).reshape(b, s, h, hq // h).mean(-1)
+    q_last = reduce(q[..., -1].astype(jnp.float32), "b s (h g) -> b s h", "mean", h=k.shape[2])
     return logit, jax.nn.sigmoid(q_last + OFFSET) + OMEGA_EPS
 
 
 def strip_decision_dim(x: Float[Array, "... D"], factor: float | Array = 0.0) -> Float[Array, "... D"]:
     """x with its last dimension times `factor` (0: excluded from attention; stage one ramps it down)."""
     return x.at[..., -1].multiply(jnp.asarray(factor, x.dtype))
-
-
-def _trailing(mask: Array, like: Array) -> Array:
-    """`mask` with trailing axes of size one up to `like`'s rank."""
-    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
 
 
 @struct.dataclass
@@ -86,9 +81,9 @@ class DMCState:
         accs = (self.k_acc, self.v_acc, self.w_acc)
         if windowed:  # write at ring slot t mod W; which entries are members is `count`'s business (`mean`)
             at = jnp.arange(self.w_acc.shape[-1]) == (pos % self.w_acc.shape[-1])[:, None, None]  # [B, 1, W]
-            acc = [jnp.where(_trailing(at, a), c[:, :, None], a) for a, c in zip(accs, contrib)]
+            acc = [jnp.where(trailing(at, a), c[:, :, None], a) for a, c in zip(accs, contrib)]
         else:  # one running sum, restarted by an append
-            acc = [jnp.where(_trailing(merge[:, :, None], a), a, 0.0) + c[:, :, None] for a, c in zip(accs, contrib)]
+            acc = [jnp.where(trailing(merge[:, :, None], a), a, 0.0) + c[:, :, None] for a, c in zip(accs, contrib)]
         return DMCState(*acc, count=jnp.where(merge, self.count + 1, 1))
 
     def mean(self, pos: Int[Array, " B"], windowed: bool) -> tuple[Float[Array, "B H D"], Float[Array, "B H D"]]:
@@ -108,36 +103,35 @@ class DMCState:
 class DMC(Policy):
     """Keeps: per head, merged slots appended or overwritten by the learned decisions (see module doc)."""
 
-    merge_window: int | None = 12  # members of a slot kept in its mean (authors' code); None: all (paper)
+    capacity: int
+    merge_window: int | None = MERGE_WINDOW  # members of a slot kept in its mean (authors' code); None: all (paper)
 
     name = "dmc"
-    owns_update = True
-    pure_eviction = False
 
     def __post_init__(self):
         if self.merge_window is not None and (not isinstance(self.merge_window, int) or self.merge_window < 1):
             raise ValueError(f"dmc: merge_window must be a positive int or None, got {self.merge_window!r}")
-        super().__post_init__()
+        check_int(self, "capacity", self.capacity, 1)
 
     @property
     def windowed(self) -> bool:
         return self.merge_window is not None
 
-    def init_state(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> tuple[DMCState, ...]:
+    def resolve(self, spec):
+        if spec.sliding_windows and any(spec.sliding_windows):
+            raise ValueError(f"{self.name}: models with sliding-window layers are not supported")
+        return super().resolve(spec)
+
+    def init_state(self, spec, layer: int, batch: int) -> DMCState:
         w = self.merge_window or 1
-        return tuple(
-            DMCState(
-                k_acc=jnp.zeros((batch, kv_heads, w, head_dim), jnp.float32),
-                v_acc=jnp.zeros((batch, kv_heads, w, head_dim), jnp.float32),
-                w_acc=jnp.zeros((batch, kv_heads, w), jnp.float32),
-                count=jnp.zeros((batch, kv_heads), jnp.int32),
-            )
-            for _ in range(num_layers)
+        return DMCState(
+            k_acc=jnp.zeros((batch, spec.kv_heads, w, spec.head_dim), jnp.float32),
+            v_acc=jnp.zeros((batch, spec.kv_heads, w, spec.head_dim), jnp.float32),
+            w_acc=jnp.zeros((batch, spec.kv_heads, w), jnp.float32),
+            count=jnp.zeros((batch, spec.kv_heads), jnp.int32),
         )
 
-    def attend_layer(
-        self, cache: KVCache, layer: int, q, k, v, *, step: Step, rope: Rope, scale: float, softcap: float | None
-    ) -> tuple[Float[Array, "B S Hq D"], KVCache]:
+    def update(self, cache, layer, q, k, v, step, attn):
         """Consume the chunk token by token: decide, update the open slot, attend, write the slot."""
         logit, omega = decision_inputs(q, k)
         q, k = strip_decision_dim(q), strip_decision_dim(k)
@@ -150,14 +144,13 @@ class DMC(Policy):
             merge = ((logit_t > 0) & (length > 0)) | (length >= c)  # the first token appends; a full head merges
             new_st = st.update(merge, omega_t, k_t.astype(jnp.float32), v_t.astype(jnp.float32), pos_t, self.windowed)
             k_mean, v_mean = new_st.mean(pos_t, self.windowed)
-            k_slot = rope(k_mean, jnp.broadcast_to(pos_t[:, None], length.shape)).astype(lc.k.dtype)
+            k_slot = attn.rope(k_mean, jnp.broadcast_to(pos_t[:, None], length.shape)).astype(lc.k.dtype)
             v_slot = v_mean.astype(lc.v.dtype)
             index = jnp.where(merge, length - 1, length)
             others = lc.valid & (jnp.arange(c) != index[..., None])  # the slot being written is the "new" key
-            out, _ = attention(
-                rope(q_t, jnp.broadcast_to(pos_t[:, None], q_t.shape[:2]))[:, None], lc.k, lc.v, others,
-                k_slot[:, None], v_slot[:, None], valid_t[:, None], scale=scale, softcap=softcap, impl=step.impl,
-            )
+            one = step.replace(positions=pos_t[:, None], new_valid=valid_t[:, None])
+            q_rot = attn.rope(q_t, jnp.broadcast_to(pos_t[:, None], q_t.shape[:2]))[:, None]
+            out, _ = attn(q_rot, lc.k, lc.v, others, k_slot[:, None], v_slot[:, None], one, cache_pos=lc.pos)
             target = jnp.where(valid_t[:, None], index, c)  # c = out of range: padding writes nothing
             lc = LayerCache(
                 k=select.write_slot(lc.k, target, k_slot),
@@ -166,7 +159,7 @@ class DMC(Policy):
                 valid=select.write_slot(lc.valid, target, jnp.ones_like(merge)),
                 score=select.write_slot(lc.score, target, new_st.count.astype(jnp.float32)),
             )
-            st = jax.tree.map(lambda new, old: jnp.where(_trailing(valid_t, old), new, old), new_st, st)
+            st = jax.tree.map(lambda new, old: jnp.where(trailing(valid_t, old), new, old), new_st, st)
             return (lc, st), out[:, 0]
 
         xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, logit, omega, step.positions, step.new_valid))

@@ -1,19 +1,25 @@
 """The uncompressed reference: every token keeps its slot.
 
-`capacity` must be at least the prompt plus the generated tokens; generate
-checks this and raises rather than silently evicting.
+`capacity` must be at least the prompt plus the generated tokens; `check_length`
+raises rather than silently evicting.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from kvjax.policies.base import Policy
+from kvjax.policies.scorer import ScorerPolicy
 
 
 @dataclasses.dataclass(frozen=True)
-class Full(Policy):
+class Full(ScorerPolicy):
     """Keeps: everything. Scores: none. capacity = the longest sequence."""
 
     name = "full"
-    evicts = False
+
+    def check_length(self, tokens: int) -> None:
+        if self.capacity < tokens:
+            raise ValueError(
+                f"policy {self.name!r} never evicts but capacity={self.capacity} < prompt + "
+                f"max_new_tokens = {tokens}; raise its capacity to at least {tokens}"
+            )

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvjax.policies.base import Policy
+from kvjax.policies.base import derive_defaults
+from kvjax.policies.scorer import ScorerPolicy, every_query
 
 
 @dataclasses.dataclass(frozen=True)
-class H2O(Policy):
+class H2O(ScorerPolicy):
     window: int | None = None
 
     name = "h2o"
-    stats = "all"
 
     def __post_init__(self):
-        if self.window is None:
-            object.__setattr__(self, "window", self.capacity // 2 if isinstance(self.capacity, int) else 0)
+        derive_defaults(self, window=lambda c: c // 2)
         super().__post_init__()
+
+    def stat_weights(self, step):
+        return every_query(step)
 
     def score(self, cand, step, layer):
         return cand.score + cand.mass

@@ -11,11 +11,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.policies.base import Policy
+from kvjax.policies.scorer import ScorerPolicy
 
 
 @dataclasses.dataclass(frozen=True)
-class KNorm(Policy):
+class KNorm(ScorerPolicy):
     name = "knorm"
 
     def score(self, cand, step, layer):

@@ -4,23 +4,24 @@ Per layer and KV head, candidates (the cache slots and the chunk) are ordered by
 position. Merging sets are runs of consecutive candidates whose neighbouring
 keys are similar (cosine); the threshold is chosen so the number of sets equals
 the slots exactly: the (n - slots) most similar eligible neighbour pairs are
-joined (the spec's "(T-C)-th largest similarity", no binary search, no
+joined (the paper's threshold at the (T-C)-th largest similarity, Sec. 3.2; no binary search, no
 data-dependent shapes: set ids are a cumulative sum, reductions are segment sums).
 The `protect` tokens with the highest accumulated attention (H2O's score) and
 the `sinks`/`window` tokens are singletons.
 
-Each set becomes one slot (Eq. 5-7 as read in spec §2): the pivot is the member
+Each set becomes one slot (Eq. 5-7): the pivot is the member
 with the highest accumulated attention; weights w_i ∝ exp(-‖k_p - k_i‖² / 2σ²)
 (normalised over the set, so the pivot's is the largest) merge keys and values
-alike. σ: "mean" (the spec's reading, mean ‖k_p - k_i‖ / √2 over the set) or a
+alike. σ: "mean" (our reading of Eq. 7, mean ‖k_p - k_i‖ / √2 over the set) or a
 number. The slot keeps the pivot's position and the set's summed score.
 
 Beyond the paper (prefill only there): the same rule runs at every step, so in
 the fixed-capacity decode loop the incoming token joins its neighbour's set if
 that is the most similar pair, otherwise the most similar pair elsewhere merges.
 When protected tokens leave too few eligible pairs, the lowest-scoring sets are
-evicted. Excluded layers (default the first two and the last, spec §2) never
-merge: they evict by accumulated attention (H2O) at the same capacity.
+evicted. Excluded layers (default the first two and the last, as the paper's
+Sec. 4.1 setup) never merge: they evict by accumulated attention (H2O) at the
+same capacity. Negative layer indices count from the model's last layer.
 """
 
 from __future__ import annotations
@@ -32,37 +33,29 @@ import jax
 import jax.numpy as jnp
 
 from kvjax import select
-from kvjax.policies.base import Policy
+from kvjax.policies.base import derive_defaults
 from kvjax.policies.h2o import H2O
-from kvjax.policies.merging import cosine
+from kvjax.policies.merging import MergingPolicy, cosine
+from kvjax.policies.scorer import every_query
 
 
 @dataclasses.dataclass(frozen=True)
-class KVMerger(Policy):
+class KVMerger(MergingPolicy):
     """Keeps: merged runs of similar keys, top-`protect` attention tokens as singletons."""
 
     protect: int | None = None  # default capacity // 8
     sigma: float | str = "mean"
     exclude_layers: tuple[int, ...] = (0, 1, -1)
-    num_layers: int = 0
+    num_layers: int = 0  # 0: the model's
 
     name = "kvmerger"
-    stats = "all"
-    pure_eviction = False
-    merges = True
 
     def __post_init__(self):
-        if self.protect is None:
-            object.__setattr__(self, "protect", self.capacity // 8 if isinstance(self.capacity, int) else 0)
+        derive_defaults(self, protect=lambda c: c // 8)
         object.__setattr__(self, "exclude_layers", tuple(self.exclude_layers))
         super().__post_init__()
         if not (self.sigma == "mean" or (isinstance(self.sigma, (int, float)) and self.sigma > 0)):
             raise ValueError(f"kvmerger: sigma must be 'mean' or a positive number, got {self.sigma!r}")
-        if any(i < 0 for i in self.exclude_layers) and self.num_layers < 1:
-            raise ValueError(
-                f"kvmerger: exclude_layers={self.exclude_layers} counts from the end; pass num_layers=<the model's "
-                "layer count>, or exclude_layers=() to merge in every layer"
-            )
 
     @property
     def min_capacity(self) -> int:
@@ -72,18 +65,20 @@ class KVMerger(Policy):
     def protected_description(self) -> str:
         return f"sinks={self.sinks} + window={self.window} + protect={self.protect} + 1 merged slot"
 
-    def excluded(self, layer: int) -> bool:
-        return layer in self.exclude_layers or (self.num_layers > 0 and layer - self.num_layers in self.exclude_layers)
+    def resolve(self, spec):
+        if self.num_layers and self.num_layers != spec.num_layers:
+            raise ValueError(f"kvmerger was made for num_layers={self.num_layers}, the model has {spec.num_layers}")
+        excluded = {i % spec.num_layers for i in self.exclude_layers if -spec.num_layers <= i < spec.num_layers}
+        return tuple(H2O(capacity=self.capacity) if i in excluded else self for i in range(spec.num_layers))
 
-    def for_layer(self, layer: int) -> Policy:
-        return H2O(capacity=self.capacity) if self.excluded(layer) else self
+    def stat_weights(self, step):
+        return every_query(step)
 
     def score(self, cand, step, layer):
         return cand.score + cand.mass  # accumulated attention, as H2O
 
-    def merge(self, fields, cand, step, layer, slots):
-        order = select.position_order(fields["pos"], fields["valid"])
-        f = {n: jnp.take_along_axis(x, order if x.ndim == 3 else order[..., None], 2) for n, x in fields.items()}
+    def merge(self, fields, cand, step, slots):
+        f = select.gather(fields, select.position_order(fields["pos"], fields["valid"]))
         protected = self.protected(f["pos"], f["valid"], step) | _top(f["score"], f["valid"], self.protect)
         merged = jax.vmap(jax.vmap(lambda g: _merge_runs(g, slots, self.sigma)))(dict(f, protected=protected))
         rank = select.rank(merged["score"], merged["valid"], merged.pop("protected"))

@@ -1,9 +1,20 @@
-"""Helpers shared by the merging policies (BCT, KVMerger)."""
+"""The merging tier: policies that rewrite slots instead of ranking them (BCT, KVMerger).
+
+They share the scorer tier's attention and candidates; a slot may then stand
+for several tokens. A method gives `score` (what a slot carries: member count,
+accumulated attention) and `merge`, the layer's new slots from all candidates.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from kvjax import select
+from kvjax.cache import LayerCache
+from kvjax.policies.scorer import Candidates, ScorerPolicy
 
 
 def cosine(a: Float[Array, "*B D"], b: Float[Array, "*B D"]) -> Float[Array, "*B"]:
@@ -11,3 +22,17 @@ def cosine(a: Float[Array, "*B D"], b: Float[Array, "*B D"]) -> Float[Array, "*B
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     norm = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
     return jnp.where(norm > 0, (a * b).sum(-1) / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergingPolicy(ScorerPolicy):
+    """Score, then `merge` every candidate into the layer's slots."""
+
+    def merge(self, fields: dict[str, Array], cand: Candidates, step, slots: int) -> dict[str, Array]:
+        """The layer's new slots from all candidates: `fields` holds k, v [B, H, N, D] and pos,
+        valid, score [B, H, N] (score as returned by `score`); returns the same names with N
+        replaced by `slots`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement merge()")
+
+    def keep(self, lc: LayerCache, cand: Candidates, score, rank, step) -> LayerCache:
+        return select.as_layer(self.merge(cand.fields(score), cand, step, lc.slots))

@@ -9,14 +9,15 @@ of each block, per KV head, stores keys (`owners[l][h]` is the layer whose
 distant keys layer l, head h reads; `owners[l][h] == l` means l stores them);
 every layer stores its own values. Layer l attends with its own queries over
 its proximal keys and the owner's distant keys in one masked softmax, which
-equals the paper's gate g·o_P + (1-g)·o_D (spec §4, Eq. 3).
+equals the paper's gate g·o_P + (1-g)·o_D (Sec. 3, Eq. 3).
 
-So non-owner layers hold no distant keys: `KVCache.distant[l].k` has one row
+So non-owner layers hold no distant keys: `KVCache.state[l].k` has one row
 per head that layer l owns, and the cache bytes show the saving. Blocks come
 from `kvjax.calibrate.pod_blocks` (Jensen-Shannon similarity, greedy
 consecutive grouping); `owners=None` gives blocks of size one (no sharing).
 
-Token selection on top (the paper's POD + SnapKV, `select="snapkv"`): the
+Which distant tokens the ring keeps is a part: `NewestRing()` (the default)
+or `SnapKVRing()`, the paper's POD + SnapKV (`make("pod", select="snapkv")`): the
 block owner chooses which distant tokens stay in the ring by SnapKV's votes
 (the attention of the last `select_window` prompt queries, average-pooled
 along positions over the distant tokens; re-voted each prefill chunk, frozen
@@ -27,21 +28,21 @@ same tokens as their owner, found by position, with their own values.
 Deviations, named: the paper keeps every distant token; with a predefined
 capacity the ring must drop some. Non-owner layers run after their owner, so
 in the step the owner drops a token they no longer see it either (one step
-early). `train_attention` is the full-sequence path for fine-tuning; the
-retrofit training loop itself is issue 6's.
+early). `train_attention` is the full-sequence path for post-training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from kvjax import select
-from kvjax.policies.base import Policy
+from kvjax.attention import causal_attention, grouped_logits
+from kvjax.policies.base import derive_defaults
+from kvjax.policies.scorer import Candidates, ScorerPolicy, at_original_positions
 from kvjax.policies.snapkv import observation_weights, pool_by_position
 
 
@@ -57,22 +58,83 @@ class DistantCache:
 
 
 @dataclasses.dataclass(frozen=True)
-class POD(Policy):
+class NewestRing:
+    """The ring keeps the newest distant tokens: every layer writes the tokens leaving the
+    window at slot pos mod R, so the rings agree without looking at each other."""
+
+    def stat_weights(self, step):
+        return None
+
+    def update(self, pod: POD, distant: tuple[DistantCache, ...], layer: int, k, v, pos, leaving, mass, step) -> DistantCache:
+        d, ring = distant[layer], pod.ring_slots
+        newest = jnp.where(leaving, pos, -1).max(-1, keepdims=True)
+        slot = jnp.where(leaving & (pos > newest - ring), pos % ring, ring)  # ring = out of range: no write
+        b, h, _ = pos.shape
+        bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+        owned = jnp.asarray(pod.owned(layer, h), jnp.int32)
+        return d.replace(
+            k=d.k.at[bi, jnp.arange(len(owned))[None, :, None], slot[:, owned]].set(k[:, owned], mode="drop"),
+            v=d.v.at[bi, hi, slot].set(v, mode="drop"),
+            pos=d.pos.at[bi, hi, slot].set(pos, mode="drop"),
+            valid=d.valid.at[bi, hi, slot].set(True, mode="drop"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKVRing:
+    """POD + SnapKV (arXiv 2412.02252, Sec. 4): the ring keeps the distant tokens best voted by the
+    last `window` prompt queries, average-pooled along positions (`kernel`), re-voted each
+    prefill chunk and frozen during decode, where generated tokens leaving the window are
+    dropped first. Heads a layer does not own take their owner's choice, found by position."""
+
+    window: int = 64
+    kernel: int = 5
+
+    def stat_weights(self, step):
+        return observation_weights(step, self.window)
+
+    def update(self, pod: POD, distant: tuple[DistantCache, ...], layer: int, k, v, pos, leaving, mass, step) -> DistantCache:
+        d = distant[layer]
+        heads = d.v.shape[1]
+        cpos = jnp.concatenate([d.pos, pos], 2)
+        cvalid = jnp.concatenate([d.valid, leaving], 2)
+        if step.prefill:  # re-vote ring and leaving tokens, pooled along positions
+            score = pool_by_position(jnp.where(cvalid, mass, 0.0), cpos, cvalid, self.kernel)
+        else:  # decode: the prompt's votes stay; generated tokens leaving the window are dropped first
+            score = jnp.concatenate([d.score, jnp.full(pos.shape, -1.0)], 2)
+        rank = select.rank(score, cvalid, jnp.zeros_like(cvalid))
+        keep = jnp.lexsort((cpos, rank), axis=-1)[..., -pod.ring_slots :]
+        cv = jnp.concatenate([d.v, v], 2)
+        new = dict(select.gather(dict(v=cv, pos=cpos, valid=cvalid, score=score), keep))
+        owner_of = pod.owner(layer, heads)
+        mirror = [h for h, o in enumerate(owner_of) if o != layer]
+        if mirror:
+            theirs = lambda field: jnp.stack([getattr(distant[owner_of[h]], field)[:, h] for h in mirror], 1)  # noqa: E731
+            target, target_ok, target_score = theirs("pos"), theirs("valid"), theirs("score")
+            idx = jnp.asarray(mirror)
+            match = (target[..., :, None] == cpos[:, idx, None, :]) & cvalid[:, idx, None, :]
+            new["v"] = new["v"].at[:, idx].set(select.gather(cv[:, idx], jnp.argmax(match, -1)))
+            new["pos"] = new["pos"].at[:, idx].set(target)
+            new["valid"] = new["valid"].at[:, idx].set(target_ok & match.any(-1))
+            new["score"] = new["score"].at[:, idx].set(target_score)
+        owned = jnp.asarray(pod.owned(layer, heads), jnp.int32)
+        new["k"] = select.gather(jnp.concatenate([d.k, k[:, owned]], 2), keep[:, owned])
+        return DistantCache(**new)
+
+
+@dataclasses.dataclass(frozen=True)
+class POD(ScorerPolicy):
     """Keeps: sinks + window with own keys; a distant ring whose keys are shared within layer blocks."""
 
     sinks: int = 16  # n_s of the paper
     window: int | None = None  # default capacity // 4
     owners: tuple[tuple[int, ...], ...] | None = None  # owners[l][h], or owners[l] = (o,) for all heads
-    select: str | None = None  # None: the ring keeps the newest; "snapkv": POD + SnapKV
-    select_window: int = 64  # SnapKV's observation window
-    select_kernel: int = 5  # SnapKV's pooling kernel
+    ring: NewestRing | SnapKVRing = NewestRing()  # which distant tokens the ring keeps
 
     name = "pod"
-    shares_keys = True
 
     def __post_init__(self):
-        if self.window is None:
-            object.__setattr__(self, "window", self.capacity // 4 if isinstance(self.capacity, int) else 0)
+        derive_defaults(self, window=lambda c: c // 4)
         if self.owners is not None:
             object.__setattr__(self, "owners", tuple(tuple(int(o) for o in row) for row in self.owners))
             for layer, row in enumerate(self.owners):
@@ -81,8 +143,8 @@ class POD(Policy):
                 heads = max(len(row), *(len(self.owners[o]) for o in row))
                 if any(self.owner(o, heads)[h] != o for h, o in enumerate(self.owner(layer, heads))):
                     raise ValueError(f"pod: owners[{layer}]={row} names a layer that does not store its own keys")
-        if self.select not in (None, "snapkv"):
-            raise ValueError(f"pod: select must be None or 'snapkv', got {self.select!r}")
+        if not isinstance(self.ring, (NewestRing, SnapKVRing)):
+            raise TypeError(f"pod: ring must be NewestRing() or SnapKVRing(...), got {self.ring!r}")
         super().__post_init__()
 
     @property
@@ -94,13 +156,19 @@ class POD(Policy):
         return f"sinks={self.sinks} + window={self.window} + 1 distant slot"
 
     @property
-    def ring(self) -> int:
+    def ring_slots(self) -> int:
         return self.capacity - self.sinks - self.window
 
-    def layer_slots(self, num_layers: int) -> tuple[int, ...]:
-        if self.owners is not None and len(self.owners) != num_layers:
-            raise ValueError(f"pod: owners has {len(self.owners)} layers, the model has {num_layers}")
-        return (self.sinks + self.window,) * num_layers
+    @property
+    def slots(self) -> int:
+        return self.sinks + self.window
+
+    def resolve(self, spec):
+        if spec.sliding_windows and any(spec.sliding_windows):
+            raise ValueError(f"{self.name}: models with sliding-window layers are not supported")
+        if self.owners is not None and len(self.owners) != spec.num_layers:
+            raise ValueError(f"pod: owners has {len(self.owners)} layers, the model has {spec.num_layers}")
+        return super().resolve(spec)
 
     def owner(self, layer: int, kv_heads: int) -> tuple[int, ...]:
         """Per KV head, the layer whose distant keys `layer` reads (a one-entry row covers every head)."""
@@ -113,21 +181,15 @@ class POD(Policy):
         """Heads whose distant keys `layer` stores."""
         return tuple(h for h, o in enumerate(self.owner(layer, kv_heads)) if o == layer)
 
-    def stat_weights(self, step):
-        """With `select="snapkv"`, prefill chunks vote with their last `select_window` queries."""
-        return None if self.select is None else observation_weights(step, self.select_window)
-
-    def init_state(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> tuple[DistantCache, ...]:
-        lead = (batch, kv_heads, self.ring)
-        return tuple(
-            DistantCache(
-                k=jnp.zeros((batch, len(self.owned(layer, kv_heads)), self.ring, head_dim), dtype),
-                v=jnp.zeros(lead + (head_dim,), dtype),
-                pos=jnp.full(lead, -1, jnp.int32),
-                valid=jnp.zeros(lead, bool),
-                score=jnp.zeros(lead, jnp.float32),
-            )
-            for layer in range(num_layers)
+    def init_state(self, spec, layer: int, batch: int) -> DistantCache:
+        lead = (batch, spec.kv_heads, self.ring_slots)
+        dtype = jnp.dtype(spec.dtype)
+        return DistantCache(
+            k=jnp.zeros((batch, len(self.owned(layer, spec.kv_heads)), self.ring_slots, spec.head_dim), dtype),
+            v=jnp.zeros(lead + (spec.head_dim,), dtype),
+            pos=jnp.full(lead, -1, jnp.int32),
+            valid=jnp.zeros(lead, bool),
+            score=jnp.zeros(lead, jnp.float32),
         )
 
     def distant_view(self, distant: tuple[DistantCache, ...], layer: int):
@@ -145,63 +207,31 @@ class POD(Policy):
                 continue
             # the owner ran first in this step: find each of our tokens in its ring (evicted ones are gone)
             match = (mine.pos[:, h, :, None] == distant[o].pos[:, h, None, :]) & distant[o].valid[:, h, None, :]
-            keys.append(jnp.take_along_axis(owner_k, jnp.argmax(match, -1)[..., None], 1))
+            keys.append(select.gather(owner_k, jnp.argmax(match, -1), axis=1))
             seen.append(mine.valid[:, h] & match.any(-1))
         return jnp.stack(keys, 1), mine.v, jnp.stack(seen, 1), mine.pos
 
-    def update(self, distant: tuple[DistantCache, ...], layer: int, k, v, pos, leaving, mass, step) -> DistantCache:
-        """The ring after this step. k, v, pos, leaving: the proximal candidates [B, H, N(, D)] and
-        which of them leave the window; mass: attention mass on (ring, candidates) or None.
-
-        Without selection every layer writes the leaving tokens at slot pos mod R, so the
-        rings agree without looking at each other (a scatter of the few leaving tokens).
-        With SnapKV, heads this layer owns choose the ring's tokens by votes; the other
-        heads take their owner's choice, matched by position, with their own values."""
-        d = distant[layer]
-        heads = d.v.shape[1]
-        if self.select is None:
-            return self._push(d, layer, k, v, pos, leaving)
-        cpos = jnp.concatenate([d.pos, pos], 2)
-        cvalid = jnp.concatenate([d.valid, leaving], 2)
-        if step.prefill:  # SnapKV: re-vote ring and leaving tokens, pooled along positions
-            score = pool_by_position(jnp.where(cvalid, mass, 0.0), cpos, cvalid, self.select_kernel)
-        else:  # decode: the prompt's votes stay; generated tokens leaving the window are dropped first
-            score = jnp.concatenate([d.score, jnp.full(pos.shape, -1.0)], 2)
-        rank = select.rank(score, cvalid, jnp.zeros_like(cvalid))
-        keep = jnp.lexsort((cpos, rank), axis=-1)[..., -self.ring :]
-        take = lambda x, i: jnp.take_along_axis(x, i if x.ndim == i.ndim else i[..., None], 2)  # noqa: E731
-        cv = jnp.concatenate([d.v, v], 2)
-        new = dict(v=take(cv, keep), pos=take(cpos, keep), valid=take(cvalid, keep), score=take(score, keep))
-        mirror = [h for h, o in enumerate(self.owner(layer, heads)) if o != layer]
-        if mirror:
-            owner_of = self.owner(layer, heads)
-            theirs = lambda field: jnp.stack([getattr(distant[owner_of[h]], field)[:, h] for h in mirror], 1)  # noqa: E731
-            target, target_ok, target_score = theirs("pos"), theirs("valid"), theirs("score")
-            idx = jnp.asarray(mirror)
-            match = (target[..., :, None] == cpos[:, idx, None, :]) & cvalid[:, idx, None, :]
-            src = jnp.argmax(match, -1)
-            new["v"] = new["v"].at[:, idx].set(take(cv[:, idx], src))
-            new["pos"] = new["pos"].at[:, idx].set(target)
-            new["valid"] = new["valid"].at[:, idx].set(target_ok & match.any(-1))
-            new["score"] = new["score"].at[:, idx].set(target_score)
-        owned = jnp.asarray(self.owned(layer, heads), jnp.int32)
-        new["k"] = take(jnp.concatenate([d.k, k[:, owned]], 2), keep[:, owned])
-        return DistantCache(**new)
-
-    def _push(self, d: DistantCache, layer: int, k, v, pos, leaving) -> DistantCache:
-        """First in, first out: write the leaving tokens at slot pos mod R, in place."""
-        ring = self.ring
-        newest = jnp.where(leaving, pos, -1).max(-1, keepdims=True)
-        slot = jnp.where(leaving & (pos > newest - ring), pos % ring, ring)  # ring = out of range: no write
-        b, h, _ = pos.shape
-        bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
-        owned = jnp.asarray(self.owned(layer, h), jnp.int32)
-        return d.replace(
-            k=d.k.at[bi, jnp.arange(len(owned))[None, :, None], slot[:, owned]].set(k[:, owned], mode="drop"),
-            v=d.v.at[bi, hi, slot].set(v, mode="drop"),
-            pos=d.pos.at[bi, hi, slot].set(pos, mode="drop"),
-            valid=d.valid.at[bi, hi, slot].set(True, mode="drop"),
-        )
+    def update(self, cache, layer, q, k, v, step, attn):
+        """Attend over (proximal slots, the distant ring, the chunk) in one softmax; keep
+        sinks + window in the slots; tokens leaving the window may enter the ring."""
+        lc = cache.layers[layer]
+        q, k_rot, _, _ = at_original_positions(attn, lc, q, k, step)
+        dk, dv, dvalid, dpos = self.distant_view(cache.state, layer)
+        c, r = lc.slots, dk.shape[2]
+        out, mass = attn(q, jnp.concatenate([lc.k, dk], 2), jnp.concatenate([lc.v, dv], 2), jnp.concatenate([lc.valid, dvalid], 2),
+                         k_rot, v, step, stat_weights=self.ring.stat_weights(step), cache_pos=jnp.concatenate([lc.pos, dpos], 2))
+        ring_mass = None
+        if mass is not None:  # mass over (slots, ring, chunk): the ring's goes first, for the ring's vote
+            ring_mass = jnp.concatenate([mass[..., c : c + r], mass[..., :c], mass[..., c + r :]], -1)
+            mass = jnp.concatenate([mass[..., :c], mass[..., c + r :]], -1)
+        cand = Candidates.of(lc, k_rot, v, step, mass, group=q.shape[2] // lc.k.shape[1])
+        protected = self.protected(cand.pos, cand.valid, step)
+        every = cand.fields(cand.score)
+        ring = self.ring.update(self, cache.state, layer, every["k"], every["v"], cand.pos, cand.valid & ~protected, ring_mass, step)
+        score = jnp.zeros_like(cand.score)
+        rank = select.rank(score, cand.valid, protected)
+        lc = select.keep_best(lc, cand, score, rank, step)
+        return out, cache.replace_layer(layer, lc).replace_state(layer, ring)
 
 
 def train_attention(
@@ -221,14 +251,8 @@ def train_attention(
     the block owner's key `k_owner` (post-RoPE, per KV head) when distant.
     Equals the decode-time cache path when the ring holds every distant token.
     """
-    b, t, hq, d = q.shape
-    h = k.shape[2]
-    qg = q.reshape(b, t, h, hq // h, d)
-    own = jnp.einsum("bihgd,bjhd->bhgij", qg, k, preferred_element_type=jnp.float32)
-    shared = jnp.einsum("bihgd,bjhd->bhgij", qg, k_owner, preferred_element_type=jnp.float32)
+    t = q.shape[1]
     i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     proximal = (j < sinks) | (j >= i - window)
-    logits = jnp.where(j <= i, jnp.where(proximal, own, shared) * scale, -jnp.inf)
-    p = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhgij,bjhd->bihgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+    logits = jnp.where(proximal, grouped_logits(q, k), grouped_logits(q, k_owner))
+    return causal_attention(q, k, v, scale=scale, logits=logits)

@@ -6,14 +6,14 @@ same as SnapKV's uniform budget. With beta (default 20, as the official code):
     budget_l = round(hi - l * (hi - lo) / (L - 1)),
 so budgets fall linearly and average `capacity` (before rounding). As in
 kvpress, when lo < window the pyramid cannot hold the window in its top layer
-and the budgets fall back to uniform (with a warning). Layer l's cache has
-budget_l slots, so the memory really follows the pyramid.
+and the budgets fall back to uniform (with a warning). Resolved against a
+model, layer l runs SnapKV with capacity budget_l, so the memory really follows
+the pyramid; L is the model's layer count (`num_layers`, if given, must match it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 
 from kvjax.policies.snapkv import SnapKV
@@ -39,23 +39,22 @@ def pyramid_budgets(capacity: int, window: int, num_layers: int, beta: float) ->
 
 @dataclasses.dataclass(frozen=True)
 class PyramidKV(SnapKV):
-    num_layers: int = 0
+    num_layers: int = 0  # 0: the model's
     beta: float = 20.0
 
     name = "pyramidkv"
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.num_layers, int) or self.num_layers < 1:
-            raise ValueError("pyramidkv: pass num_layers=<the model's layer count> to spread the budget over layers")
+        if not isinstance(self.num_layers, int) or self.num_layers < 0:
+            raise ValueError(f"pyramidkv: num_layers must be the model's layer count (or 0 to take it from the model), got {self.num_layers!r}")
         if not self.beta >= 1:
             raise ValueError(f"pyramidkv: beta must be >= 1, got {self.beta!r}")
 
-    @functools.cached_property
-    def budgets(self) -> tuple[int, ...]:
-        return pyramid_budgets(self.capacity, self.window, self.num_layers, self.beta)
+    def budgets(self, num_layers: int) -> tuple[int, ...]:
+        return pyramid_budgets(self.capacity, self.window, num_layers, self.beta)
 
-    def layer_slots(self, num_layers: int) -> tuple[int, ...]:
-        if num_layers != self.num_layers:
-            raise ValueError(f"pyramidkv was made for num_layers={self.num_layers}, the model has {num_layers}")
-        return self.budgets
+    def resolve(self, spec):
+        if self.num_layers and self.num_layers != spec.num_layers:
+            raise ValueError(f"pyramidkv was made for num_layers={self.num_layers}, the model has {spec.num_layers}")
+        return tuple(SnapKV(capacity=b, sinks=self.sinks, window=self.window, kernel=self.kernel) for b in self.budgets(spec.num_layers))

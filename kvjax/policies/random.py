@@ -9,11 +9,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.policies.base import Policy
+from kvjax.policies.scorer import ScorerPolicy
 
 
 @dataclasses.dataclass(frozen=True)
-class Random(Policy):
+class Random(ScorerPolicy):
     name = "random"
 
     def score(self, cand, step, layer):

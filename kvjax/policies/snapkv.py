@@ -21,7 +21,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kvjax.policies.base import Policy
+from kvjax.policies.scorer import ScorerPolicy
 from kvjax.select import position_order
 
 
@@ -46,12 +46,11 @@ def observation_weights(step, window: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class SnapKV(Policy):
+class SnapKV(ScorerPolicy):
     window: int = 64  # observation window (kvpress default)
     kernel: int = 5
 
     name = "snapkv"
-    stats = "window"
 
     def __post_init__(self):
         if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:

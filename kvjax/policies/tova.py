@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvjax.policies.base import Policy
+from kvjax.policies.scorer import ScorerPolicy, last_query
 
 
 @dataclasses.dataclass(frozen=True)
-class TOVA(Policy):
+class TOVA(ScorerPolicy):
     window: int = 1
 
     name = "tova"
-    stats = "last"
+
+    def stat_weights(self, step):
+        return last_query(step)
 
     def score(self, cand, step, layer):
         # mass is summed over the query heads of each KV group; summing over the
