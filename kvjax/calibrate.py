@@ -27,9 +27,20 @@ from flax import nnx
 from kvjax.policies import make
 from kvjax.policies.full import Full
 from kvjax.policies.merging import cosine
+from kvjax.inputs import token_batch
 from kvjax.protocol import CachedDecoder
 from kvjax.run import pad_to_chunks, prefill
 from kvjax.select import gather, position_order
+
+
+def _calibration_tokens(model: CachedDecoder, tokens) -> jax.Array:
+    """Checked [B, T] calibration ids (rectangular: every row is measured over the same positions)."""
+    if isinstance(tokens, (list, tuple)) and len({len(row) for row in tokens}) > 1:
+        raise ValueError("calibration rows must have equal lengths; cut them to the shortest")
+    ids, _ = token_batch(tokens, vocab_size=model.vocab_size)
+    if ids.shape[1] < 2:
+        raise ValueError(f"tokens must be [batch, length >= 2], got shape {ids.shape}")
+    return jnp.asarray(ids)
 
 
 def _prefilled(model: CachedDecoder, tokens, policy_for, chunk_size: int):
@@ -57,9 +68,7 @@ class MergeProfile:
 def merge_profile(model: CachedDecoder, tokens, *, threshold: float = 0.9, chunk_size: int = 128) -> MergeProfile:
     """Mergeable fraction per layer: mean over rows, KV heads and neighbour pairs of
     [cos(k_i, k_{i+1}) > threshold], keys after RoPE as the cache holds them."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be [batch, length >= 2], got shape {tokens.shape}")
+    tokens = _calibration_tokens(model, tokens)
     cache = _prefilled(model, tokens, lambda n: make("full", capacity=n), chunk_size)
     fractions = []
     for lc in cache.layers:
@@ -88,7 +97,7 @@ class _AttentionProbe(Full):
 
 def attention_profile(model: CachedDecoder, tokens, *, queries: int = 64, chunk_size: int = 64) -> np.ndarray:
     """[layers, batch, kv_heads, T]: attention mass of the last `queries` tokens on every key."""
-    tokens = jnp.asarray(tokens, jnp.int32)
+    tokens = _calibration_tokens(model, tokens)
     t = tokens.shape[1]
     if not 0 < queries < t:
         raise ValueError(f"queries must be in 1..{t - 1} for {t} tokens, got {queries}")

@@ -16,28 +16,41 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from kvjax.cache import KVCache
+from kvjax.inputs import prng_key, token_batch
 from kvjax.policies.base import Policy
 from kvjax.protocol import CachedDecoder
 from kvjax.run import pad_to_chunks, scan_chunks
 
 
 def stream_nll(
-    model: CachedDecoder, tokens, *, policy: Policy, chunk_size: int = 128, key: jax.Array | None = None,
+    model: CachedDecoder, tokens, *, policy: Policy, mask=None, chunk_size: int = 128, key: jax.Array | int | None = None,
     with_cache: bool = False,
 ) -> Float[Array, "B T"] | tuple[Float[Array, "B T"], KVCache]:
-    """Per-token NLL of tokens[:, 1:] given their prefix, [B, T-1], in nats (and the final cache if asked)."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be [batch, length >= 2], got shape {tokens.shape}")
-    t = tokens.shape[1]
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
-    padded, valid = pad_to_chunks(tokens, jnp.ones(tokens.shape, bool), chunk_size)
-    targets, _ = pad_to_chunks(targets, valid[:, :t], chunk_size)
+    """Per-token NLL in nats, [B, T-1]: entry j scores the row's next real token after position j,
+    given every real token up to j (for a full rectangular batch: tokens[:, j + 1] given tokens[:, :j + 1]).
+
+    tokens: [B, T] ids or a list of rows of different lengths; `mask` [B, T] marks
+    real tokens of an array (any padding). Entries with no next token are NaN.
+    Returns the final cache too with `with_cache`.
+    """
+    ids, real = token_batch(tokens, vocab_size=model.vocab_size, mask=mask)
+    short = np.flatnonzero(real.sum(-1) < 2)
+    if short.size:
+        raise ValueError(f"tokens rows {short.tolist()} have fewer than 2 tokens: nothing to predict")
+    b, t = ids.shape
+    targets, scored = np.zeros_like(ids), np.zeros(real.shape, bool)
+    for row in range(b):
+        at = np.flatnonzero(real[row])
+        targets[row, at[:-1]], scored[row, at[:-1]] = ids[row, at[1:]], True
+    cache = model.cache_spec().init(policy, b)
+    for layer_policy in cache.policies:
+        layer_policy.check_length(int(real.sum(-1).max()), what="the text's length")
+    padded, valid = pad_to_chunks(jnp.asarray(ids), jnp.asarray(real), chunk_size)
+    targets, _ = pad_to_chunks(jnp.asarray(targets), valid[:, :t], chunk_size)
     graphdef, state = nnx.split(model)
-    key = jax.random.key(0) if key is None else key
-    cache = model.cache_spec().init(policy, tokens.shape[0])
-    nll, cache = _stream_nll(graphdef, state, padded, valid, targets, key, cache, chunk_size=chunk_size)
-    return (nll[:, : t - 1], cache) if with_cache else nll[:, : t - 1]
+    nll, cache = _stream_nll(graphdef, state, padded, valid, targets, prng_key(key, needed=False, what=""), cache, chunk_size=chunk_size)
+    nll = jnp.where(jnp.asarray(scored), nll[:, :t], jnp.nan)[:, : t - 1]
+    return (nll, cache) if with_cache else nll
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
@@ -52,7 +65,13 @@ def _stream_nll(graphdef, state, tokens, valid, targets, key, cache, *, chunk_si
     return jnp.moveaxis(nll, 0, 1).reshape(tokens.shape), cache
 
 
-def perplexity(model: CachedDecoder, tokens, *, policy: Policy, chunk_size: int = 128, start: int = 0) -> float:
-    """exp(mean NLL) of the tokens after position `start` (earlier ones are context only)."""
-    nll = np.asarray(stream_nll(model, tokens, policy=policy, chunk_size=chunk_size))
-    return float(np.exp(nll[:, start:].mean()))
+def perplexity(model: CachedDecoder, tokens, *, policy: Policy, mask=None, chunk_size: int = 128, start: int = 0) -> float:
+    """exp(mean NLL) of the tokens predicted from positions >= `start` (earlier ones are context only);
+    ragged rows and masks as `stream_nll`."""
+    nll = np.asarray(stream_nll(model, tokens, policy=policy, mask=mask, chunk_size=chunk_size))
+    if not isinstance(start, int) or not 0 <= start < nll.shape[1]:
+        raise ValueError(f"start={start!r} leaves nothing to score: use 0 <= start < {nll.shape[1]} (the text has {nll.shape[1] + 1} positions)")
+    scored = nll[:, start:][np.isfinite(nll[:, start:])]
+    if not scored.size:
+        raise ValueError(f"no row has a token to predict after start={start}")
+    return float(np.exp(scored.mean()))

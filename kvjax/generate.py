@@ -19,6 +19,7 @@ from flax import nnx, struct
 from jaxtyping import Array, Int
 
 from kvjax.cache import KVCache
+from kvjax.inputs import prng_key, token_batch
 from kvjax.policies.base import Policy
 from kvjax.protocol import CachedDecoder
 from kvjax.run import forward_chunk, pad_to_chunks, prefill
@@ -46,29 +47,6 @@ class _DecodeState:
     key: jax.Array
 
 
-def _prompt_mask(prompt, prompt_lengths, prompt_mask) -> np.ndarray:
-    b, p = prompt.shape
-    if prompt_mask is not None and prompt_lengths is not None:
-        raise ValueError("pass prompt_lengths (right padding) or prompt_mask (any padding), not both")
-    if prompt_mask is not None:
-        mask = np.asarray(prompt_mask)
-        if mask.shape != (b, p) or mask.dtype != bool:
-            raise ValueError(f"prompt_mask must be a bool array of shape {(b, p)}, got {mask.dtype} {mask.shape}")
-    elif prompt_lengths is not None:
-        lengths = np.asarray(prompt_lengths)
-        if lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer):
-            raise ValueError(f"prompt_lengths must be {b} ints (one per row), got {lengths.dtype} {lengths.shape}")
-        if (lengths < 0).any() or (lengths > p).any():
-            raise ValueError(f"prompt_lengths must lie in [1, {p}], got {lengths.tolist()}")
-        mask = np.arange(p)[None, :] < lengths[:, None]
-    else:
-        mask = np.ones((b, p), bool)
-    empty = np.flatnonzero(~mask.any(-1))
-    if empty.size:
-        raise ValueError(f"prompt rows {empty.tolist()} have no valid token; every row needs at least one")
-    return mask
-
-
 def generate(
     model: CachedDecoder,
     prompt,
@@ -78,37 +56,42 @@ def generate(
     prompt_lengths=None,
     prompt_mask=None,
     sampler: Sampler = Sampler(),
-    stop_tokens: tuple[int, ...] = (),
-    key: jax.Array | None = None,
+    stop_tokens: int | tuple[int, ...] = (),
+    key: jax.Array | int | None = None,
     chunk_size: int = 64,
     pad_id: int = 0,
     impl: str = "xla",
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` per row with a fixed-capacity cache.
 
-    prompt: [B, P] int token ids. Rows may be padded on either side: give
+    prompt: [B, P] int token ids, or a list of B rows of different lengths
+    (padded here). Rows of an array may be padded on either side: give
     `prompt_lengths` [B] (right padding) or `prompt_mask` [B, P] (True = real
     token, any pattern). Padding never takes a slot, a position or attention.
-    A row stops after emitting one of `stop_tokens`.
+    A row stops after emitting one of `stop_tokens` (an id or a tuple of ids).
+    key: `jax.random.key(seed)` or an int seed; required when sampling (temperature > 0).
+
+    Returns `GenerateOutput`: `tokens` [B, max_new_tokens] the generated ids
+    (`pad_id` after a row stopped), `lengths` [B] how many each row generated
+    (its stop token included), `cache` the final cache.
     """
-    prompt = jnp.asarray(prompt)
-    if prompt.ndim != 2:
-        raise ValueError(f"prompt must be [batch, length] token ids, got shape {prompt.shape}")
-    if not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise TypeError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a kvjax Policy (see kvjax.policies.make), got {type(policy).__name__}")
-    mask = _prompt_mask(prompt, prompt_lengths, prompt_mask)
+    stop_tokens = (stop_tokens,) if isinstance(stop_tokens, (int, np.integer)) else tuple(stop_tokens)
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in stop_tokens):
+        raise TypeError(f"stop_tokens must be a token id or a tuple of ids, got {stop_tokens!r}")
+    key = prng_key(key, needed=sampler.temperature > 0, what=f"sampling with temperature={sampler.temperature}")
+    prompt, mask = token_batch(prompt, vocab_size=model.vocab_size, lengths=prompt_lengths, mask=prompt_mask,
+                               name="prompt", lengths_name="prompt_lengths", mask_name="prompt_mask")
     cache = model.cache_spec().init(policy, prompt.shape[0])
     for layer_policy in cache.policies:
         layer_policy.check_length(int(mask.sum(-1).max()) + max_new_tokens)
-    tokens, valid = pad_to_chunks(prompt.astype(jnp.int32), jnp.asarray(mask), chunk_size, pad_id)
+    tokens, valid = pad_to_chunks(jnp.asarray(prompt), jnp.asarray(mask), chunk_size, pad_id)
     graphdef, state = nnx.split(model)
-    key = jax.random.key(0) if key is None else key
     return _generate(
         graphdef, state, tokens, valid, cache, key,
         sampler=sampler, stop_tokens=tuple(int(t) for t in stop_tokens),

@@ -44,6 +44,34 @@ def slot_bytes(spec: CacheSpec, batch: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Planned(Policy):
+    """A policy sized by `plan_capacity` for `batch` rows: its cache holds `nbytes` bytes only for that batch."""
+
+    inner: Policy
+    batch: int
+    nbytes: int
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    def resolve(self, spec) -> tuple[Policy, ...]:
+        return self.inner.resolve(spec)
+
+    def check_batch(self, batch: int) -> None:
+        if batch != self.batch:
+            raise ValueError(
+                f"this {self.name} policy was planned for batch={self.batch} ({self.nbytes} bytes); a cache for "
+                f"batch={batch} would take {batch / self.batch:g}x that budget. Plan again: "
+                f"kvjax.plan_capacity(..., batch={batch})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class CapacityPlan:
     """Slots per layer for a policy, and the bytes the cache will hold."""
 
@@ -55,15 +83,16 @@ class CapacityPlan:
     nbytes: int
 
     def policy(self) -> Policy:
-        """The policy with each global layer's capacity (one policy if they are all equal)."""
+        """The policy with each global layer's capacity, for caches of `batch` rows (another
+        batch would not fit the budget: building its cache raises)."""
         fixed = self.spec.sliding_windows or (None,) * self.spec.num_layers
         make = lambda c: policies.make(self.policy_name, capacity=c, **dict(self.options))  # noqa: E731
         global_slots = {s for s, w in zip(self.slots, fixed) if w is None}
         if len(global_slots) == 1:
-            return make(next(iter(global_slots)))
+            return Planned(make(next(iter(global_slots))), self.batch, self.nbytes)
         # kvjax.policies.resolve puts window caches on sliding layers; the largest policy stands in there
         top = max(global_slots)
-        return PerLayer.of(make(s if w is None else top) for s, w in zip(self.slots, fixed))
+        return Planned(PerLayer.of(make(s if w is None else top) for s, w in zip(self.slots, fixed)), self.batch, self.nbytes)
 
     def init(self) -> KVCache:
         cache = self.spec.init(self.policy(), self.batch)

@@ -27,6 +27,7 @@ class CacheSpec:
         """An empty cache for `policy`, resolved against this spec once (`kvjax.policies.resolve`):
         each layer's slots and state as its policy says, and the per-layer policies it carries."""
         layers = resolve(policy, self)
+        policy.check_batch(batch)
         cache = init_cache(
             slots=tuple(p.slots for p in layers), num_layers=self.num_layers, batch=batch,
             kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=jnp.dtype(self.dtype),

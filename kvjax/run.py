@@ -12,10 +12,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from jaxtyping import Array, Bool, Float, Int
 
 from kvjax.cache import KVCache
+from kvjax.inputs import check_ids, is_traced
 from kvjax.policies.base import Step
 from kvjax.protocol import CachedDecoder
 
@@ -78,7 +80,10 @@ def prefill(
     model: CachedDecoder, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], cache: KVCache,
     key, *, chunk_size: int, impl: str = "xla",
 ) -> tuple[Float[Array, "B d"], KVCache]:
-    """Consume a prompt in chunks; return each row's last valid hidden state and the cache."""
+    """Consume a prompt in chunks; return each row's last valid hidden state and the cache.
+    Concrete token ids are checked against the vocabulary (traced ones cannot be; see `kvjax.inputs`)."""
+    if not is_traced(tokens) and not is_traced(valid):
+        check_ids(tokens, np.asarray(valid), model.vocab_size, "prefill tokens")
 
     def keep_last(last, hidden, val):
         idx = chunk_size - 1 - jnp.argmax(val[:, ::-1], axis=-1)  # last valid index in the chunk

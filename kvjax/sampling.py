@@ -11,15 +11,21 @@ from jaxtyping import Array, Float, Int
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """Static, hashable sampling settings; temperature 0 means greedy."""
+    """Static, hashable sampling settings (a `jax.jit` static argument).
+
+    temperature: 0 picks the most likely token (greedy, no key needed); T > 0
+        samples from softmax(logits / T) (finite; `generate` then needs a key).
+    top_k: sample among the k most likely tokens only (None: all).
+    top_p: nucleus sampling, among the most likely tokens whose mass reaches p (None: all).
+    """
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -130,6 +130,8 @@ def load(source: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Llama, 
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if not str(source).strip():
+        raise ValueError(f"models.load needs a model: a name ({', '.join(NAMED)}), a .gguf file or a Hugging Face folder")
     path = named_path(source) if str(source) in NAMED else pathlib.Path(source)
     if path.suffix == ".gguf":
         cfg, tensors, reader = gguf_file.read(path, dtype)
@@ -149,15 +151,15 @@ def load(source: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Llama, 
 
 
 def save(model: Llama, directory: str | pathlib.Path) -> pathlib.Path:
-    """Save the model's parameters and config with Orbax (a new directory)."""
+    """Save the model's parameters and config with Orbax (a new or empty directory)."""
     import dataclasses
 
     import orbax.checkpoint as ocp
     from flax import nnx
 
     directory = pathlib.Path(directory).absolute()
-    if directory.exists():
-        raise FileExistsError(f"{directory} exists; choose a new directory for the checkpoint")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise FileExistsError(f"{directory} exists and is not an empty directory; choose a new or empty directory for the checkpoint")
     _, state = nnx.split(model)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(directory / "params", nnx.to_pure_dict(state))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,3 +235,16 @@ def test_generate_with_pallas_kernels_equals_xla():
         np.testing.assert_allclose(a.k, b.k, rtol=1e-5, atol=1e-5)
     lengths = np.asarray(runs["xla"].cache.lengths())
     assert lengths.max() == 20 and lengths.min() < 20, "heads fill at their own pace, none beyond capacity"
+
+
+def test_defaults_are_the_authors_window_of_12():
+    """`make("dmc", capacity=c)` with no options averages the 12 newest members of a slot
+    (float64 reference with 12 written out), and the retrofit trains with the same window."""
+    t = 30
+    q, k, v = decisions_qkv(11, t=t, merge_prob=0.9)  # groups longer than 12
+    policy = kvjax.policies.make("dmc", capacity=t)
+    outs, _, _ = run_layers(policy, q, k, v, jnp.ones((1, t), bool), jax.random.key(0), chunk=1)
+    ref, _ = np_dmc(q[0, 0], k[0, 0], v[0, 0], capacity=t, window=12)
+    np.testing.assert_allclose(np.asarray(outs[0, 0]), ref, rtol=2e-4, atol=2e-5)
+    loss_default = inspect.signature(kvjax.retrofit.dmc_loss).parameters["window"].default
+    assert policy.merge_window == kvjax.retrofit.DMCTraining().window == loss_default == 12

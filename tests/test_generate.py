@@ -133,6 +133,7 @@ def test_decode_steps_trace_once(model, name):
     """A jitted decode step is traced once while its cache fills up and starts evicting."""
     graphdef, state = nnx.split(model)
     cache = model.cache_spec().init(kvjax.policies.make(name, capacity=6, **({"sinks": 1, "window": 2} if name == "pod" else {})), 1)
+    chex.clear_trace_counter()  # the counter is per function definition, shared by the parameters
 
     @jax.jit
     @chex.assert_max_traces(n=1)

@@ -168,3 +168,21 @@ def test_generate_pallas_equals_xla(tiny, name):
     for a, b in zip(runs["pallas"].cache.layers, runs["xla"].cache.layers):
         np.testing.assert_array_equal(a.valid, b.valid)
         np.testing.assert_allclose(a.score, b.score, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_softcap_follows_the_float64_formula(impl):
+    """Logits pass through c * tanh(s / c) before the softmax (Gemma 2's soft-cap), checked
+    against float64 numpy, not only kernel against reference (dropping it from both would pass that)."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(1, 1, 2, 8)) * 3  # two query heads of one group, one token; large logits
+    kc, vc = rng.normal(size=(2, 1, 1, 5, 8))
+    kn, vn = rng.normal(size=(2, 1, 1, 1, 8))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    fn = cache_attention if impl == "pallas" else cache_attention_reference
+    out, _, _ = fn(f32(q), f32(kc), f32(vc), jnp.ones((1, 1, 5), bool), f32(kn), f32(vn), jnp.ones((1, 1), bool),
+                   group=2, scale=0.5, softcap=1.5)
+    keys, values = np.concatenate([kc, kn], 2)[0, 0], np.concatenate([vc, vn], 2)[0, 0]
+    logits = 1.5 * np.tanh(q[0, 0] @ keys.T * 0.5 / 1.5)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(out[0, 0]), (p / p.sum(-1, keepdims=True)) @ values, rtol=1e-5, atol=1e-6)

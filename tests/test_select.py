@@ -1,13 +1,17 @@
-"""The two selection paths (chunk sort/gather and one-token replacement) agree."""
+"""The two selection paths (chunk sort/gather and one-token replacement) agree, and follow the tie rule."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kvjax
 from kvjax import select
+from tests.helpers import random_qkv, run_layers
 
 
 @settings(max_examples=40)
@@ -46,3 +50,25 @@ def test_write_slot_skips_out_of_range_targets():
     x = jnp.zeros((1, 2, 3))
     out = select.write_slot(x, jnp.array([[0, 3]]), jnp.array([[5.0, 7.0]]))
     np.testing.assert_array_equal(out[0], [[5, 0, 0], [0, 0, 0]])
+
+
+def test_equal_ranks_evict_the_older_token():
+    """The documented rule, directly: among equal ranks the lowest position goes first, in both paths."""
+    pos = jnp.asarray([[[5, 2, 9, 7]]], jnp.int32)
+    valid = jnp.ones((1, 1, 4), bool)
+    rank = select.rank(jnp.zeros((1, 1, 4)), valid, jnp.zeros((1, 1, 4), bool))
+    assert int(select.evict_index(rank, pos)[0, 0]) == 1  # position 2, the oldest
+    kept = select.select_chunk(dict(pos=pos, valid=valid), rank, 3)
+    assert sorted(np.asarray(kept["pos"][0, 0]).tolist()) == [5, 7, 9]
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_streaming_llm_keeps_the_sink_and_the_newest(chunk):
+    """StreamingLLM at capacity 6 (1 sink, protected window 2): after 12 tokens the
+    unprotected slots hold the newest tokens, so the kept set is [0, 7, 8, 9, 10, 11]."""
+    policy = kvjax.policies.make("streaming_llm", capacity=6, sinks=1, window=2)
+    q, k, v = random_qkv(0, length=12)
+    _, cache, _ = run_layers(policy, q, k, v, jnp.ones((1, 12), bool), jax.random.key(0), chunk=chunk)
+    lc = cache.layers[0]
+    for h in range(lc.pos.shape[1]):
+        assert sorted(np.asarray(lc.pos[0, h])[np.asarray(lc.valid[0, h])].tolist()) == [0, 7, 8, 9, 10, 11]

@@ -104,8 +104,11 @@ class Policy:
         """State this layer keeps beside its slots in `KVCache.state[layer]` (None: none)."""
         return None
 
-    def check_length(self, tokens: int) -> None:
-        """Raise if this policy cannot serve a sequence of `tokens` tokens (policies that never evict)."""
+    def check_batch(self, batch: int) -> None:
+        """Raise if this policy was made for caches of another batch (a plan's byte budget)."""
+
+    def check_length(self, tokens: int, what: str = "prompt + max_new_tokens") -> None:
+        """Raise if this policy cannot serve `tokens` tokens (`what` they are), as a policy that never evicts."""
 
     def update(
         self,

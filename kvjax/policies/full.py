@@ -17,9 +17,9 @@ class Full(ScorerPolicy):
 
     name = "full"
 
-    def check_length(self, tokens: int) -> None:
+    def check_length(self, tokens: int, what: str = "prompt + max_new_tokens") -> None:
         if self.capacity < tokens:
             raise ValueError(
-                f"policy {self.name!r} never evicts but capacity={self.capacity} < prompt + "
-                f"max_new_tokens = {tokens}; raise its capacity to at least {tokens}"
+                f"policy {self.name!r} never evicts but capacity={self.capacity} < {what} = {tokens}; "
+                f"raise its capacity to at least {tokens}"
             )

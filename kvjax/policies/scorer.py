@@ -201,8 +201,8 @@ class KeyRerotation(Policy):
     def init_state(self, spec: CacheSpec, layer: int, batch: int):
         return self.inner.init_state(spec, layer, batch)
 
-    def check_length(self, tokens: int) -> None:
-        self.inner.check_length(tokens)
+    def check_length(self, tokens: int, what: str = "prompt + max_new_tokens") -> None:
+        self.inner.check_length(tokens, what)
 
     def update(self, cache, layer, q, k, v, step, attn):
         return self.inner.update(cache, layer, q, k, v, step, attn, rotate=at_cache_positions)
