@@ -12,7 +12,7 @@ from kvjax import calibrate, data, evaluate, policies, retrofit, rope
 from kvjax.attend import attend
 from kvjax.attention import LayerAttention, attention
 from kvjax.cache import KVCache, init_cache
-from kvjax.generate import GenerateOutput, generate
+from kvjax.generate import DecodeState, GenerateOutput, Stream, generate, stream
 from kvjax.plan import CapacityPlan, plan_capacity
 from kvjax.policies.base import Policy, Step
 from kvjax.protocol import CacheSpec, CachedDecoder
@@ -21,6 +21,6 @@ from kvjax.run import forward_chunk, make_step, prefill
 from kvjax.sampling import Sampler
 
 __all__ = [
-    "CacheSpec", "CachedDecoder", "CapacityPlan", "GenerateOutput", "KVCache", "LayerAttention", "Policy", "Rope", "Sampler", "Step",
-    "attend", "attention", "calibrate", "data", "evaluate", "forward_chunk", "generate", "init_cache", "make_step", "plan_capacity", "policies", "prefill", "retrofit",
+    "CacheSpec", "CachedDecoder", "CapacityPlan", "DecodeState", "GenerateOutput", "KVCache", "LayerAttention", "Policy", "Rope", "Sampler", "Step", "Stream",
+    "attend", "attention", "calibrate", "data", "evaluate", "forward_chunk", "generate", "init_cache", "make_step", "plan_capacity", "policies", "prefill", "retrofit", "stream",
 ]

@@ -122,8 +122,8 @@ def test_cache_buffers_are_donated(model):
     graphdef, state = nnx.split(model)
     tokens = prompt(4, length=8)
     _generate(
-        graphdef, state, tokens, jnp.ones_like(tokens, bool), cache, jax.random.key(0),
-        sampler=kvjax.Sampler(), stop_tokens=(), max_new_tokens=3, chunk_size=8, pad_id=0, impl="xla",
+        graphdef, state, tokens, jnp.ones_like(tokens, bool), cache, jax.random.key(0), jnp.int32(3),
+        sampler=kvjax.Sampler(), stop_tokens=(), steps=128, chunk_size=8, pad_id=0, impl="xla",
     )
     assert all(x.is_deleted() for x in jax.tree.leaves(cache))
 

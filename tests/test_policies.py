@@ -27,9 +27,9 @@ def make_policy(name: str, capacity: int, layers: int = 1, rerotate: bool = Fals
         "streaming_llm": dict(sinks=min(2, capacity - 1), rerotate=rerotate),
         "window": dict(rerotate=rerotate),
         "snapkv": dict(window=min(2, capacity), kernel=3),
-        "pyramidkv": dict(window=1, kernel=3, num_layers=layers, beta=2.0),
+        "pyramidkv": dict(window=1, kernel=3, beta=2.0),  # layer count: the model's
         "bct": dict(sinks=1, window=1),
-        "kvmerger": dict(protect=1, num_layers=layers, exclude_layers=(1,)),  # layer 0 merges, layer 1 evicts
+        "kvmerger": dict(protect=1, exclude_layers=(1,)),  # layer 0 merges, layer 1 evicts
         "pod": dict(sinks=1, window=1, owners=((0,), (0,)) if layers == 2 else None),  # layer 1 reads layer 0's distant keys
     }.get(name, {})
     return kvjax.policies.make(name, capacity=capacity, **options)
@@ -125,7 +125,7 @@ def test_capacity_at_least_length_is_full_attention(name, length, chunk, rerotat
     valid = np.arange(t)[None] < length
     policy = make_policy(name, 16, layers=1, rerotate=rerotate)
     if name == "pyramidkv":  # its smallest layer budget must cover the sequence too
-        policy = kvjax.policies.make("pyramidkv", capacity=16, window=1, kernel=3, num_layers=1)
+        policy = kvjax.policies.make("pyramidkv", capacity=16, window=1, kernel=3)
     q, k, v = random_qkv(length * 31 + chunk, length=t, q_heads=4, kv_heads=2)
     if name == "dmc":  # always appending is vanilla attention without the decision dimension
         q[..., -1] = k[..., -1] = 0.0
