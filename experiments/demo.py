@@ -27,10 +27,10 @@ from models import Llama, LlamaConfig, load
 DEFAULT_POLICIES = ["full", "streaming_llm", "h2o", "snapkv"]
 
 
-def build_policy(name: str, capacity: int, full_capacity: int, num_layers: int) -> kvjax.Policy:
+def build_policy(name: str, capacity: int, full_capacity: int) -> kvjax.Policy:
     if name == "full":
         return kvjax.policies.make("full", capacity=full_capacity)
-    options = {"snapkv": dict(window=min(32, capacity)), "pyramidkv": dict(window=8, num_layers=num_layers, beta=4.0)}
+    options = {"snapkv": dict(window=min(32, capacity)), "pyramidkv": dict(window=8, beta=4.0)}
     return kvjax.policies.make(name, capacity=capacity, **options.get(name, {}))
 
 
@@ -60,7 +60,7 @@ def main(argv=None):
 
     rows = []
     for name in tqdm(args.policies, desc="policies", unit="policy"):
-        policy = build_policy(name, args.capacity, n + max(args.new_tokens, args.eval_tokens), cfg.num_layers)
+        policy = build_policy(name, args.capacity, n + max(args.new_tokens, args.eval_tokens))
         run = lambda: kvjax.generate(model, prompt, policy=policy, max_new_tokens=args.new_tokens, chunk_size=args.chunk_size)  # noqa: E731
         jax.block_until_ready(run())  # compile
         start = time.perf_counter()

@@ -26,6 +26,7 @@ JSON and a plot into --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import time
@@ -74,6 +75,7 @@ def retrofit_model(base: Llama, cr: float, steps: int, lr: float, batches, workd
         "retrofit": run_stage(model, retrofit.dmc_loss(cr, ramp, weight=weight), batches, ramp, lr, workdir / "retrofit", f"CR {cr:g} retrofit"),
         "finetune": run_stage(model, retrofit.dmc_loss(cr, weight=weight), batches, steps - zero - ramp, lr, workdir / "finetune", f"CR {cr:g} finetune"),
     }
+    model.cfg = dataclasses.replace(model.cfg, dmc_decisions=True)  # its decision dimension is trained now
     return model, logs
 
 

@@ -81,18 +81,20 @@ class CapacityPlan:
     policy_name: str
     options: tuple[tuple[str, object], ...]
     nbytes: int
+    capacities: tuple[int, ...] | None = None  # the policy's capacity per layer, where it differs from `slots` (POD)
 
     def policy(self) -> Policy:
         """The policy with each global layer's capacity, for caches of `batch` rows (another
         batch would not fit the budget: building its cache raises)."""
         fixed = self.spec.sliding_windows or (None,) * self.spec.num_layers
         make = lambda c: policies.make(self.policy_name, capacity=c, **dict(self.options))  # noqa: E731
-        global_slots = {s for s, w in zip(self.slots, fixed) if w is None}
-        if len(global_slots) == 1:
-            return Planned(make(next(iter(global_slots))), self.batch, self.nbytes)
+        capacities = self.capacities or self.slots
+        global_caps = {c for c, w in zip(capacities, fixed) if w is None}
+        if len(global_caps) == 1:
+            return Planned(make(next(iter(global_caps))), self.batch, self.nbytes)
         # kvjax.policies.resolve puts window caches on sliding layers; the largest policy stands in there
-        top = max(global_slots)
-        return Planned(PerLayer.of(make(s if w is None else top) for s, w in zip(self.slots, fixed)), self.batch, self.nbytes)
+        top = max(global_caps)
+        return Planned(PerLayer.of(make(c if w is None else top) for c, w in zip(capacities, fixed)), self.batch, self.nbytes)
 
     def init(self) -> KVCache:
         cache = self.spec.init(self.policy(), self.batch)
@@ -159,7 +161,7 @@ def plan_capacity(
         raise ValueError("plan_capacity: give exactly one of budget=<bytes or '256MiB'> or tokens=<slots per layer>")
     probe = policies.make(policy, capacity=2**24, **options)  # unknown names and options fail here, by name
     if isinstance(probe, policies.POD):
-        raise ValueError(f"plan_capacity: {policy} slots do not all cost the same (shared keys); give it a capacity directly")
+        return _plan_by_bytes(spec, budget, tokens, policy, per_layer, batch, options)
     layers = policies.resolve(probe, spec)
     state = jax.eval_shape(lambda: [p.init_state(spec, i, batch) for i, p in enumerate(layers)])
     windows = spec.sliding_windows or (None,) * spec.num_layers
@@ -199,3 +201,32 @@ def plan_capacity(
         slots[i] = s
     nbytes = fixed + sum(global_slots) * per_slot
     return CapacityPlan(spec, tuple(slots), batch, policy, tuple(sorted(options.items())), nbytes)
+
+
+def _plan_by_bytes(spec: CacheSpec, budget, tokens, policy: str, per_layer, batch: int, options: dict) -> CapacityPlan:
+    """One capacity for every layer, the largest whose cache fits the budget, its bytes measured
+    (`jax.eval_shape`, nothing allocated): for policies whose slots do not all cost the same
+    (POD: only a block's lowest layer stores distant keys, so the ring's cost depends on the blocks)."""
+    if per_layer != "uniform":
+        raise ValueError(f"plan_capacity: {policy} takes one capacity for every layer; use per_layer='uniform'")
+    make = lambda c: policies.make(policy, capacity=c, **options)  # noqa: E731
+    cost = lambda c: jax.eval_shape(lambda: spec.init(make(c), batch)).nbytes  # noqa: E731
+    minimum = _min_slots(policy, options)
+    if tokens is not None:
+        capacity = tokens
+    else:
+        budget_bytes = parse_bytes(budget)
+        if cost(minimum) > budget_bytes:
+            raise ValueError(
+                f"plan_capacity: {budget} cannot hold the {minimum} slots {policy} needs per layer; the minimum budget is "
+                f"{cost(minimum)} bytes ({cost(minimum) / 2**20:.3f} MiB) for batch={batch}"
+            )
+        lo, hi = minimum, 2**24
+        while lo < hi:  # the largest capacity that fits
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) <= budget_bytes else (lo, mid - 1)
+        capacity = lo
+    cache = jax.eval_shape(lambda: spec.init(make(capacity), batch))
+    windows = spec.sliding_windows or (None,) * spec.num_layers
+    return CapacityPlan(spec, cache.slots, batch, policy, tuple(sorted(options.items())), cache.nbytes,
+                        capacities=tuple(capacity if w is None else w - 1 for w in windows))

@@ -22,6 +22,7 @@ class CacheSpec:
     head_dim: int = struct.field(pytree_node=False)
     dtype: str = struct.field(pytree_node=False, default="float32")
     sliding_windows: tuple[int | None, ...] | None = struct.field(pytree_node=False, default=None)
+    dmc_decisions: bool = struct.field(pytree_node=False, default=False)  # q/k dimension d-1 retrofitted for DMC
 
     def init(self, policy: Policy, batch: int) -> KVCache:
         """An empty cache for `policy`, resolved against this spec once (`kvjax.policies.resolve`):

@@ -55,6 +55,7 @@ class LlamaConfig:
     rope_local_theta: float | None = None  # RoPE base of sliding layers
     tie_embeddings: bool = False
     dtype: str = "float32"
+    dmc_decisions: bool = False  # q/k dimension d-1 carries DMC's learned decisions (set after kvjax.retrofit)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # from a saved config.json
@@ -87,7 +88,7 @@ class LlamaConfig:
         windows = tuple(self.sliding_window if self.is_sliding(i) else None for i in range(self.num_layers))
         return kvjax.CacheSpec(
             num_layers=self.num_layers, kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=self.dtype,
-            sliding_windows=windows if any(windows) else None,
+            sliding_windows=windows if any(windows) else None, dmc_decisions=self.dmc_decisions,
         )
 
     def is_sliding(self, layer: int) -> bool:

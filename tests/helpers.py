@@ -7,6 +7,7 @@ heads and candidates, in float64.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -44,6 +45,7 @@ def prefill_memory(model, policy, lengths, *, chunk: int):
 def decision_dimension_zeroed(model):
     """A copy whose q/k projections give 0 in each head's last dimension (DMC's decision dimension)."""
     model = nnx.clone(model)
+    model.cfg = dataclasses.replace(model.cfg, dmc_decisions=True)  # decided: never merge
     hd = model.cfg.head_dim
     for block in model.layers:
         for proj in (block.self_attn.q_proj, block.self_attn.k_proj):
@@ -62,7 +64,7 @@ def run_layers(policy, q, k, v, valid, key, *, chunk):
     """
     n_layers, b, t, hq, d = q.shape
     h = k.shape[3]
-    cache = kvjax.CacheSpec(num_layers=n_layers, kv_heads=h, head_dim=d).init(policy, b)
+    cache = kvjax.CacheSpec(num_layers=n_layers, kv_heads=h, head_dim=d, dmc_decisions=True).init(policy, b)  # q/k are the decisions
     keys = jax.random.split(key, t // chunk)
 
     def body(cache, xs):

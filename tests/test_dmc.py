@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import kvjax
 from kvjax.policies.dmc import OFFSET, OMEGA_EPS
+from models import Llama, LlamaConfig
 from tests.helpers import np_rope, np_softmax, run_layers
 
 
@@ -140,11 +144,7 @@ def test_dmc_state_rejects_bad_window():
 
 def tiny_dmc_model(seed=0, scale=6.0):
     """A tiny random Llama whose decision dimension merges about a fifth of the tokens."""
-    from flax import nnx
-
-    from models.llama import Llama, LlamaConfig
-
-    cfg = LlamaConfig.tiny(head_dim=16)
+    cfg = LlamaConfig.tiny(head_dim=16, dmc_decisions=True)
     model = Llama(cfg, rngs=nnx.Rngs(seed))
     for block in model.layers:
         for proj, heads in ((block.self_attn.k_proj, cfg.num_kv_heads), (block.self_attn.q_proj, cfg.num_heads)):
@@ -248,3 +248,14 @@ def test_defaults_are_the_authors_window_of_12():
     np.testing.assert_allclose(np.asarray(outs[0, 0]), ref, rtol=2e-4, atol=2e-5)
     loss_default = inspect.signature(kvjax.retrofit.dmc_loss).parameters["window"].default
     assert policy.merge_window == kvjax.retrofit.DMCTraining().window == loss_default == 12
+
+
+def test_an_untrained_decision_dimension_is_named():
+    """DMC on a model that was never retrofitted warns, naming kvjax.retrofit; a retrofitted config does not."""
+    model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+    with pytest.warns(UserWarning, match=r"never trained.*kvjax\.retrofit"):
+        model.cache_spec().init(kvjax.policies.make("dmc", capacity=8), 1)
+    model.cfg = dataclasses.replace(model.cfg, dmc_decisions=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.cache_spec().init(kvjax.policies.make("dmc", capacity=8), 1)

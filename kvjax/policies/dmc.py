@@ -28,6 +28,7 @@ equal to this one for hard decisions when no head is full.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,12 @@ class DMC(Policy):
     def resolve(self, spec):
         if spec.sliding_windows and any(spec.sliding_windows):
             raise ValueError(f"{self.name}: models with sliding-window layers are not supported")
+        if not spec.dmc_decisions:
+            warnings.warn(
+                "dmc: this model's decision dimension (q/k dimension d-1) was never trained, so its merges are "
+                "arbitrary; retrofit it first (kvjax.retrofit, see experiments/dmc_replication.py), which marks "
+                "the config with dmc_decisions=True", stacklevel=4,
+            )
         return super().resolve(spec)
 
     def init_state(self, spec, layer: int, batch: int) -> DMCState:
