@@ -88,7 +88,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     model, tokenizer = load(args.model)
-    layers = model.cfg.num_layers
     text = np.asarray(tokenizer.encode(essay("worked")))[None, : args.context]
     if text.shape[1] < args.context:
         raise ValueError(f"the essay has {text.shape[1]} tokens, fewer than --context {args.context}")

@@ -7,6 +7,7 @@ heads and candidates, in float64.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -37,6 +38,22 @@ def prefill_memory(model, policy, lengths, *, chunk: int):
 
     stats = [run.lower(state, jnp.zeros((1, t), jnp.int32)).compile().memory_analysis() for t in lengths]
     return [(m.temp_size_in_bytes, m.output_size_in_bytes) for m in stats], functools.partial(run, state)
+
+
+@contextlib.contextmanager
+def compiles_of(fun_name: str = "jit(_generate)"):
+    """The XLA compilations of `fun_name` while the block runs (a list that fills up)."""
+    events = []
+
+    def listener(event, duration, **kw):
+        if kw.get("fun_name") == fun_name and event.endswith("backend_compile_duration"):
+            events.append(kw)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # ----------------------------------------------------------------------------- models

@@ -3,7 +3,6 @@ clear errors, and memory/compilation independent of the context length."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from flax import nnx
 import kvjax
 from kvjax.plan import parse_bytes, plan_capacity, slot_bytes
 from models import Llama, LlamaConfig
-from tests.helpers import prefill_memory
+from tests.helpers import compiles_of, prefill_memory
 
 CFG = LlamaConfig.tiny(num_layers=4)
 
@@ -94,18 +93,9 @@ def test_memory_is_independent_of_the_context_length(tiny):
 
 
 def test_16k_tokens_with_256_slots_compile_once(tiny):
-    compiles = []
-
-    def listener(event, duration, **kw):
-        if kw.get("fun_name") == "jit(_generate)" and event.endswith("backend_compile_duration"):
-            compiles.append(kw)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compiles_of("jit(_generate)") as compiles:
         policy = plan_capacity(tiny, tokens=256, policy="bct").policy()
         out = kvjax.generate(tiny, jnp.ones((1, 16), jnp.int32), policy=policy, max_new_tokens=16384, chunk_size=16)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert len(compiles) == 1
     assert int(out.lengths[0]) == 16384 and int(out.cache.seen[0]) >= 16384
     assert int(out.cache.lengths().max()) == 256 and float(out.cache.layers[0].score.sum()) == tiny.cfg.num_kv_heads * int(out.cache.seen[0])  # every token counted once

@@ -3,13 +3,13 @@ a stream saved with Orbax and resumed, one compiled program for many token count
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 import kvjax
 from models import Llama, LlamaConfig
+from tests.helpers import compiles_of
 from tests.test_policies import make_policy
 
 
@@ -52,20 +52,11 @@ def test_a_cache_refuses_another_policy_or_batch(model):
 
 
 def test_one_compile_serves_many_token_counts(model):
-    compiles = []
-
-    def listener(event, duration, **kw):
-        if kw.get("fun_name") == "jit(_generate)" and event.endswith("backend_compile_duration"):
-            compiles.append(kw)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compiles_of("jit(_generate)") as compiles:
         policy = kvjax.policies.make("h2o", capacity=10)  # a fresh static config for this test
         for n in (10, 50, 100):
             out = kvjax.generate(model, turn(3, 6), policy=policy, max_new_tokens=n, chunk_size=8)
             assert out.tokens.shape == (2, n) and np.asarray(out.lengths).tolist() == [n, n]
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert len(compiles) == 1
 
 

@@ -19,7 +19,6 @@ pieces: `LayerAttention` (RoPE and attention), `kvjax.select`, the cache's
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
 import jax
