@@ -37,9 +37,11 @@ if MODEL == "tiny":
 
     model = models.Llama(models.LlamaConfig.tiny(), rngs=nnx.Rngs(0))
     ids = np.frombuffer(essay("worked").encode(), np.uint8).astype(np.int32)[:512]
+    decode = lambda t: bytes(np.asarray(t, np.uint8)).decode("latin-1")  # noqa: E731
 else:
     model, tokenizer = models.load(MODEL)
     ids = np.asarray(tokenizer.encode(essay("worked"))[:512])
+    decode = tokenizer.decode
 print(jax.devices(), model.cfg.num_layers, "layers")
 
 # %% [markdown]
@@ -61,4 +63,12 @@ out = kvjax.generate(
     model, ids[None, :256], policy=kvjax.policies.make("h2o", capacity=128),
     max_new_tokens=16, chunk_size=64,
 )
-print(out.tokens[0], "cache MiB:", out.cache.nbytes / 2**20)
+print(repr(decode(out.tokens[0])), "cache MiB:", out.cache.nbytes / 2**20)
+
+# %% [markdown]
+# ## Watch it write: tokens as they are produced
+# `kvjax.stream` decodes `block` tokens per call of one compiled program.
+
+# %%
+for block in kvjax.stream(model, ids[None, :256], policy=kvjax.policies.make("h2o", capacity=128), max_new_tokens=32, block=8):
+    print(decode(block[0]), end="", flush=True)
