@@ -64,8 +64,9 @@ def test_streamed_blocks_are_the_generated_tokens(model):
     policy = kvjax.policies.make("snapkv", capacity=12, window=4)
     sampler = kvjax.Sampler(temperature=1.0)
     whole = kvjax.generate(model, turn(4, 10), policy=policy, max_new_tokens=23, sampler=sampler, key=3, chunk_size=8)
-    blocks = list(kvjax.stream(model, turn(4, 10), policy=policy, max_new_tokens=23, block=5, sampler=sampler, key=3, chunk_size=8))
-    assert [b.shape[1] for b in blocks] == [5, 5, 5, 5, 3]
+    with compiles_of("jit(_decode_jit)") as compiles:
+        blocks = list(kvjax.stream(model, turn(4, 10), policy=policy, max_new_tokens=23, block=5, sampler=sampler, key=3, chunk_size=8))
+    assert [b.shape[1] for b in blocks] == [5, 5, 5, 5, 3] and len(compiles) == 1  # one program for every block
     np.testing.assert_array_equal(np.concatenate(blocks, 1), whole.tokens)
 
 
