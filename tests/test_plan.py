@@ -3,6 +3,7 @@ clear errors, and memory/compilation independent of the context length."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,10 +69,22 @@ def test_plan_errors():
         plan_capacity(CFG, "1MiB", policy="lru")
     with pytest.raises(ValueError, match="3 weights, the model has 4 layers"):
         plan_capacity(CFG, "1MiB", per_layer=[1, 2, 3])
-    with pytest.raises(ValueError, match="do not all cost the same"):
-        plan_capacity(CFG, "1MiB", policy="pod")
+    with pytest.raises(ValueError, match="pod takes one capacity for every layer"):
+        plan_capacity(CFG, "1MiB", policy="pod", per_layer="pyramid")
     with pytest.raises(TypeError, match="needs a model, a model config or a CacheSpec"):
         plan_capacity("llama", "1MiB")
+
+
+def test_pod_is_planned_by_its_measured_bytes():
+    """POD's slots do not all cost the same (a block's lowest layer stores the distant keys):
+    the plan is the largest capacity whose cache fits, and shared keys buy capacity."""
+    alone = plan_capacity(CFG, "1MiB", policy="pod")
+    shared = plan_capacity(CFG, "1MiB", policy="pod", owners=((0,),) * CFG.num_layers)
+    for plan in (alone, shared):
+        assert plan.init().nbytes == plan.nbytes <= 2**20
+        bigger = kvjax.policies.make("pod", capacity=plan.capacities[0] + 1, **dict(plan.options))
+        assert jax.eval_shape(lambda p=bigger: CFG.cache_spec().init(p, 1)).nbytes > 2**20  # the largest that fits
+    assert shared.capacities[0] > alone.capacities[0]
 
 
 @pytest.fixture(scope="module")
