@@ -110,8 +110,8 @@ def init_cache(
     head_dim: int,
     dtype=jnp.float32,
 ) -> KVCache:
-    """An empty cache; `slots` is one static size for every layer or one per layer
-    (`policy.layer_slots(num_layers)`)."""
+    """An empty cache with no policy; `slots` is one static size for every layer or one per
+    layer. `CacheSpec.init(policy, batch)` builds the cache a policy runs on."""
     for name, value in dict(num_layers=num_layers, batch=batch, kv_heads=kv_heads, head_dim=head_dim).items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")

@@ -62,9 +62,6 @@ def token_batch(tokens, *, vocab_size: int, lengths=None, mask=None, name: str =
         if len(tokens) == 0:
             raise ValueError(f"{name} is empty: give at least one row of token ids")
         ids, real = _ragged(tokens)
-    elif is_traced(tokens):
-        ids = tokens
-        real = np.ones(tokens.shape, bool) if mask is None and lengths is None else None
     else:
         ids = np.asarray(tokens)
         if ids.ndim != 2:
@@ -72,17 +69,12 @@ def token_batch(tokens, *, vocab_size: int, lengths=None, mask=None, name: str =
             raise ValueError(f"{name} must be [batch, length] token ids or a list of rows, got shape {ids.shape}{hint}")
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-        real = None
-    b, t = ids.shape
-    if real is None:
-        real = _mask(b, t, lengths, mask, lengths_name, mask_name)
+        real = _mask(*ids.shape, lengths, mask, lengths_name, mask_name)
     empty = np.flatnonzero(~real.any(-1))
     if empty.size:
         raise ValueError(f"{name} rows {empty.tolist()} have no valid token; every row needs at least one (an empty string encodes to none)")
-    if not is_traced(ids):
-        check_ids(ids, real, vocab_size, name)
-        ids = np.where(real, ids, 0).astype(np.int32)
-    return ids, real
+    check_ids(ids, real, vocab_size, name)
+    return np.where(real, ids, 0).astype(np.int32), real
 
 
 def _mask(b: int, t: int, lengths, mask, lengths_name: str, mask_name: str) -> np.ndarray:

@@ -215,11 +215,11 @@ def _plan_by_bytes(spec: CacheSpec, budget, tokens, policy: str, per_layer, batc
     if tokens is not None:
         capacity = tokens
     else:
-        budget_bytes = parse_bytes(budget)
-        if cost(minimum) > budget_bytes:
+        budget_bytes, need = parse_bytes(budget), cost(minimum)
+        if need > budget_bytes:
             raise ValueError(
                 f"plan_capacity: {budget} cannot hold the {minimum} slots {policy} needs per layer; the minimum budget is "
-                f"{cost(minimum)} bytes ({cost(minimum) / 2**20:.3f} MiB) for batch={batch}"
+                f"{need} bytes ({need / 2**20:.3f} MiB) for batch={batch}"
             )
         lo, hi = minimum, 2**24
         while lo < hi:  # the largest capacity that fits

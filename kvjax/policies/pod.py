@@ -228,7 +228,7 @@ class POD(ScorerPolicy):
         protected = self.protected(cand.pos, cand.valid, step)
         every = cand.fields(cand.score)
         ring = self.ring.update(self, cache.state, layer, every["k"], every["v"], cand.pos, cand.valid & ~protected, ring_mass, step)
-        score = jnp.zeros_like(cand.score)
+        score = self.score(cand, step, layer)  # none: the proximal window keeps the newest
         rank = select.rank(score, cand.valid, protected)
         lc = select.keep_best(lc, cand, score, rank, step)
         return out, cache.replace_layer(layer, lc).replace_state(layer, ring)
