@@ -19,7 +19,13 @@ F32 = jnp.float32
 
 
 def scores(q: Float[Array, "R D"], k: Float[Array, "K D"], scale: float, softcap: float | None) -> Float[Array, "R K"]:
-    """Scaled (and optionally soft-capped, `c * tanh(s / c)`) logits in f32."""
+    """Scaled (and optionally soft-capped, `c * tanh(s / c)`) logits in f32.
+
+    Key blocks of fewer than 8 rows (the chunk region of a decode step: one key)
+    are multiplied in f32, which is exact: Mosaic rejects the bf16 -> f32
+    broadcast it would emit for them ("vector.broadcast ... same element type")."""
+    if k.shape[0] < 8:
+        q, k = q.astype(F32), k.astype(F32)
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=F32) * scale
     return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
@@ -56,6 +62,16 @@ def online_update(carry, s: Float[Array, "R K"], ok: Bool[Array, "R K"], v: Floa
     v = jnp.where(v_ok, v, jnp.zeros_like(v))  # out-of-bounds rows may hold NaN
     acc = alpha * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=F32)
     return m_new, alpha * l + p.sum(-1, keepdims=True), acc
+
+
+def weighted_mass(
+    s: Float[Array, "R K"], ok: Bool[Array, "R K"], lse: Float[Array, "R 1"], w: Float[Array, "R 1"]
+) -> Float[Array, "1 K"]:
+    """One key block's attention mass, sum_r w_r * exp(s_rk - lse_r) over visible pairs; rows with
+    lse = -inf (padding) or out of bounds must come with w = 0 and add nothing."""
+    lse = jnp.where(lse > -jnp.inf, lse, jnp.inf)  # exp(s - inf) = 0, not exp(+inf)
+    p = jnp.where(ok, jnp.exp(s - lse), 0.0)
+    return jnp.sum(p * w, axis=0, keepdims=True)
 
 
 def combine(

@@ -4,7 +4,7 @@ Programs are independent (Triton has no sequential grid axis), so each one
 loops over the key blocks of its split with `fori_loop`, stopping at the
 (batch, head) extent: blocks past the last valid slot are never read. Block
 sizes must be powers of two (Triton); a block sticking out of the array is
-masked by `blocks.visible`. This is the only file that knows the GPU backend:
+masked by `blocks.visible`. `region_mass` is the statistic's second pass. This is the only file that knows the GPU backend:
 JAX 0.11 deprecates the Triton backend in favour of Mosaic GPU, and a Mosaic GPU
 variant would replace this module behind the same `region_attention` contract.
 """
@@ -18,12 +18,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import F32, online_update, scores, visible
-from pallas_kernels.region import Inputs, Partials, Region, layout
+from pallas_kernels.blocks import F32, online_update, scores, visible, weighted_mass
+from pallas_kernels.region import Inputs, MassInputs, Partials, Region, layout
+from pallas_kernels.shapes import Array, Float
 
 
-def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_ref, l_ref, *rest, cfg: Region, n: int, rows: int, per_split: int):
-    logits_ref = rest[0] if cfg.return_logits else None
+def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_ref, l_ref, *, cfg: Region, n: int, rows: int, per_split: int):
     r, sp = pl.program_id(2), pl.program_id(3)
     bk, br = cfg.block_k, cfg.block_r
     base = sp * per_split * bk
@@ -41,17 +41,11 @@ def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_r
         s = scores(q, k_ref[block, :], cfg.scale, cfg.softcap)
         ok = visible(row, col, ok_ref[:, block] != 0, n, group=cfg.group, causal=cfg.causal,
                      q_pos=q_pos, k_pos=kpos_ref[:, block], max_distance=cfg.max_distance)
-        if logits_ref is not None:
-            logits_ref[:, block] = jnp.where(ok, s, -jnp.inf)
         v_ok = start + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < n
         return online_update(carry, s, ok, v_ref[block, :], v_ok)
 
     init = (jnp.full((br, 1), -jnp.inf, F32), jnp.zeros((br, 1), F32), jnp.zeros((br, q.shape[-1]), F32))
     m, l, acc = jax.lax.fori_loop(0, hi, body, init)
-    if logits_ref is not None:
-        def skipped(kb, _):
-            logits_ref[:, pl.ds(kb * bk, bk)] = jnp.full((br, bk), -jnp.inf, F32)
-        jax.lax.fori_loop(hi, per_split, skipped, None)
     o_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
 
@@ -67,11 +61,8 @@ def region_attention(inputs: Inputs, cfg: Region, *, interpret=False) -> Partial
     part = lambda last: pl.BlockSpec((None, None, None, br, last), lambda b_, h_, r_, sp: (b_, h_, sp, r_, 0))
     out_specs = [part(d), part(1), part(1)]
     out_shape = [jax.ShapeDtypeStruct((b, h, splits, rows, d), F32)] + [jax.ShapeDtypeStruct((b, h, splits, rows, 1), F32)] * 2
-    if cfg.return_logits:
-        out_specs.append(pl.BlockSpec((None, None, br, span), lambda b_, h_, r_, sp: (b_, h_, r_, sp)))
-        out_shape.append(jax.ShapeDtypeStruct((b, h, rows, splits * span), F32))
     kernel = functools.partial(_kernel, cfg=cfg, n=n, rows=rows, per_split=per_split)
-    outs = pl.pallas_call(
+    return tuple(pl.pallas_call(
         kernel,
         grid=(b, h, pl.cdiv(rows, br), splits),
         in_specs=[
@@ -85,5 +76,60 @@ def region_attention(inputs: Inputs, cfg: Region, *, interpret=False) -> Partial
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="kvjax_region_attention_gpu",
-    )(ext, q, k, v, key_ok, k_pos, q_pos)
-    return (*outs[:3], outs[3] if cfg.return_logits else None)
+    )(ext, q, k, v, key_ok, k_pos, q_pos))
+
+
+def _mass_kernel(ext_ref, q_ref, k_ref, ok_ref, kpos_ref, qpos_ref, lse_ref, w_ref, mass_ref, *, cfg: Region, n: int, rows: int, block_r: int, row_blocks: int):
+    bk = cfg.block_k
+    start = pl.program_id(2) * bk
+    col = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    k, key_ok, k_pos = k_ref[...], ok_ref[...] != 0, kpos_ref[...]
+    # rows of tokens before `start` see none of this block's chunk keys (causal)
+    first = (start * cfg.group) // block_r if cfg.causal else 0
+    last = jnp.where(start < ext_ref[...], row_blocks, 0)  # blocks past the extent hold no valid key
+
+    def body(rb, acc):
+        block = pl.ds(rb * block_r, block_r)
+        row = rb * block_r + jax.lax.broadcasted_iota(jnp.int32, (block_r, 1), 0)
+        ok = visible(row, col, key_ok, n, group=cfg.group, causal=cfg.causal, q_pos=qpos_ref[block, :],
+                     k_pos=k_pos, max_distance=cfg.max_distance) & (row < rows)
+        w = jnp.where(row < rows, w_ref[block, :], 0.0)  # rows past the array are padding
+        return acc + weighted_mass(scores(q_ref[block, :], k, cfg.scale, cfg.softcap), ok, lse_ref[block, :], w)
+
+    mass_ref[...] = jax.lax.fori_loop(first, last, body, jnp.zeros((1, bk), F32))
+
+
+def region_mass(inputs: Inputs, stats: MassInputs, cfg: Region, *, interpret=False) -> Float[Array, "B H N"]:
+    """Attention mass per key of one region, given every row's final lse (see `region.py`).
+
+    One program per (batch, kv_head, key block) loops over the row blocks (Triton
+    has no sequential grid axis to accumulate over); all rows are one block of
+    a power-of-two length, sliced inside."""
+    q, k, _, key_ok, k_pos, q_pos, ext = inputs
+    lse, w = stats
+    b, h, rows, d = q.shape
+    n = k.shape[2]
+    bk = cfg.block_k
+    all_rows = pl.next_power_of_2(rows)
+    block_r = min(cfg.block_r, all_rows)
+    nkb = pl.cdiv(n, bk)
+    row_spec = lambda last: pl.BlockSpec((None, None, all_rows, last), lambda b_, h_, kb: (b_, h_, 0, 0))
+    token_spec = pl.BlockSpec((None, all_rows, 1), lambda b_, h_, kb: (b_, 0, 0))
+    key_spec = pl.BlockSpec((None, None, 1, bk), lambda b_, h_, kb: (b_, h_, 0, kb))
+    kernel = functools.partial(_mass_kernel, cfg=cfg, n=n, rows=rows, block_r=block_r, row_blocks=all_rows // block_r)
+    mass = pl.pallas_call(
+        kernel,
+        grid=(b, h, nkb),
+        in_specs=[
+            pl.BlockSpec((None, None), lambda b_, h_, kb: (b_, h_)),
+            row_spec(d),
+            pl.BlockSpec((None, None, bk, d), lambda b_, h_, kb: (b_, h_, kb, 0)),
+            key_spec, key_spec, token_spec, row_spec(1), token_spec,
+        ],
+        out_specs=key_spec,
+        out_shape=jax.ShapeDtypeStruct((b, h, 1, nkb * bk), F32),
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="kvjax_region_mass_gpu",
+    )(ext, q, k, key_ok, k_pos, q_pos, lse, w)
+    return mass[:, :, 0, :n]

@@ -5,9 +5,13 @@ chunk being written (causal by chunk index). Rows are (token, head-in-group)
 pairs flattened token-major, so all query heads of a KV group share one program
 and read each key block once (GQA/MQA). A kernel returns, per split of the key
 axis, the unnormalised output and the running max and normaliser; `blocks.combine`
-merges splits and regions. With `return_logits` it also writes the masked logits
-(-inf where not visible) in the same pass, so per-slot attention mass costs no
-second read of K (`attention.cache_attention` normalises them with the final lse).
+merges splits and regions.
+
+A second kernel per backend, `region_mass`, produces the per-key attention mass
+that scoring policies consume: once the final log-sum-exp of every row is known
+(all splits and both regions merged), it reads the region's keys again and
+reduces `w_r * exp(s_rn - lse_r)` over rows inside the kernel, so it writes
+O(keys) floats per (batch, KV head) and never the [rows, keys] probabilities.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 
 from pallas_kernels.shapes import Array, Float, Int
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +30,6 @@ class Region:
     scale: float
     softcap: float | None
     max_distance: int | None  # sliding window over positions, None for none
-    return_logits: bool
     block_r: int  # query rows per program
     block_k: int  # keys per block
     num_splits: int  # key-axis splits (flash-decoding); 1 for prefill
@@ -47,7 +49,11 @@ Partials = tuple[
     Float[Array, "B H P R D"],  # unnormalised output per split
     Float[Array, "B H P R 1"],  # running max
     Float[Array, "B H P R 1"],  # normaliser
-    Float[Array, "B H R M"] | None,  # masked logits, M >= N (padded to whole blocks)
+]
+
+MassInputs = tuple[
+    Float[Array, "B H R 1"],  # final lse per row (-inf: the row attends to nothing)
+    Float[Array, "B R 1"],  # weight per row (its token's stat weight; 0 for padding)
 ]
 
 

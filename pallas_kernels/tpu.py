@@ -18,13 +18,20 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.blocks import F32, online_update, scores, visible
-from pallas_kernels.region import Inputs, Partials, Region, layout
+from pallas_kernels.blocks import F32, online_update, scores, visible, weighted_mass
+from pallas_kernels.region import Inputs, MassInputs, Partials, Region, layout
+from pallas_kernels.shapes import Array, Float
 
 
-def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_ref, l_ref, *rest, cfg: Region, n: int, rows: int, per_split: int):
-    logits_ref = rest[0] if cfg.return_logits else None
-    m_sc, l_sc, acc_sc = rest[-3:]
+def _live(start, ext, r, cfg: Region, rows: int):
+    """Whether a key block starting at `start` holds keys that row block `r` may see."""
+    live = start < ext
+    if cfg.causal:  # the row block's last token bounds the keys it can see
+        live &= start <= (jnp.minimum((r + 1) * cfg.block_r, rows) - 1) // cfg.group
+    return live
+
+
+def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_ref, l_ref, m_sc, l_sc, acc_sc, *, cfg: Region, n: int, rows: int, per_split: int):
     b, h, r, sp, kb = (pl.program_id(i) for i in range(5))
     start = (sp * per_split + kb) * cfg.block_k
 
@@ -34,11 +41,7 @@ def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_r
         l_sc[...] = jnp.zeros_like(l_sc)
         acc_sc[...] = jnp.zeros_like(acc_sc)
 
-    live = start < ext_ref[b, h]
-    if cfg.causal:  # the row block's last token bounds the keys it can see
-        live &= start <= (jnp.minimum((r + 1) * cfg.block_r, rows) - 1) // cfg.group
-
-    @pl.when(live)
+    @pl.when(_live(start, ext_ref[b, h], r, cfg, rows))
     def _compute():
         row = r * cfg.block_r + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_r, 1), 0)
         col = start + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
@@ -48,13 +51,6 @@ def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_r
         v_ok = start + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_k, 1), 0) < n
         m, l, acc = online_update((m_sc[...], l_sc[...], acc_sc[...]), s, ok, v_ref[...], v_ok)
         m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
-        if logits_ref is not None:
-            logits_ref[...] = jnp.where(ok, s, -jnp.inf)
-
-    if logits_ref is not None:
-        @pl.when(jnp.logical_not(live))
-        def _skipped():
-            logits_ref[...] = jnp.full_like(logits_ref, -jnp.inf)
 
     @pl.when(kb == per_split - 1)
     def _finish():
@@ -78,9 +74,6 @@ def region_attention(inputs: Inputs, cfg: Region, *, interpret=False) -> Partial
     part = lambda last: pl.BlockSpec((None, None, None, br, last), lambda b_, h_, r_, sp, kb, e: (b_, h_, sp, r_, 0))
     out_specs = [part(d), part(1), part(1)]
     out_shape = [jax.ShapeDtypeStruct((b, h, splits, rows, d), F32)] + [jax.ShapeDtypeStruct((b, h, splits, rows, 1), F32)] * 2
-    if cfg.return_logits:
-        out_specs.append(pl.BlockSpec((None, None, br, bk), lambda b_, h_, r_, sp, kb, e: (b_, h_, r_, sp * per_split + kb)))
-        out_shape.append(jax.ShapeDtypeStruct((b, h, rows, splits * per_split * bk), F32))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, h, pl.cdiv(rows, br), splits, per_split),
@@ -93,12 +86,72 @@ def region_attention(inputs: Inputs, cfg: Region, *, interpret=False) -> Partial
         scratch_shapes=[pltpu.VMEM((br, 1), F32), pltpu.VMEM((br, 1), F32), pltpu.VMEM((br, d), F32)],
     )
     kernel = functools.partial(_kernel, cfg=cfg, n=n, rows=rows, per_split=per_split)
-    outs = pl.pallas_call(
+    return tuple(pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 4 + ("arbitrary",)),
         interpret=interpret,
         name="kvjax_region_attention_tpu",
-    )(ext, q, k, v, key_ok, k_pos, q_pos)
-    return (*outs[:3], outs[3] if cfg.return_logits else None)
+    )(ext, q, k, v, key_ok, k_pos, q_pos))
+
+
+def _mass_kernel(ext_ref, q_ref, k_ref, ok_ref, kpos_ref, qpos_ref, lse_ref, w_ref, mass_ref, *, cfg: Region, n: int, rows: int):
+    b, h, kb, r = (pl.program_id(i) for i in range(4))
+    start = kb * cfg.block_k
+
+    @pl.when(r == 0)
+    def _init():
+        mass_ref[...] = jnp.zeros_like(mass_ref)
+
+    @pl.when(_live(start, ext_ref[b, h], r, cfg, rows))
+    def _accumulate():
+        row = r * cfg.block_r + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_r, 1), 0)
+        col = start + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
+        ok = visible(row, col, ok_ref[...] != 0, n, group=cfg.group, causal=cfg.causal,
+                     q_pos=qpos_ref[...], k_pos=kpos_ref[...], max_distance=cfg.max_distance) & (row < rows)
+        w = jnp.where(row < rows, w_ref[...], 0.0)  # the last row block may stick out of the array
+        s = scores(q_ref[...], k_ref[...], cfg.scale, cfg.softcap)
+        mass_ref[...] += weighted_mass(s, ok, lse_ref[...], w)
+
+
+def region_mass(inputs: Inputs, stats: MassInputs, cfg: Region, *, interpret=False) -> Float[Array, "B H N"]:
+    """Attention mass per key of one region, given every row's final lse (see `region.py`).
+
+    Grid (batch, kv_head, key block, row block): row blocks run innermost and
+    sequentially, accumulating into the key block's resident output; key
+    blocks past the extent are neither fetched (clamped index) nor computed."""
+    q, k, _, key_ok, k_pos, q_pos, ext = inputs
+    lse, w = stats
+    b, h, rows, d = q.shape
+    n = k.shape[2]
+    bk, br = cfg.block_k, cfg.block_r
+    nkb = pl.cdiv(n, bk)
+
+    def key_block(b_, h_, kb, r_, ext_ref):
+        return jnp.minimum(kb, jnp.maximum(pl.cdiv(ext_ref[b_, h_], bk) - 1, 0))
+
+    row_spec = lambda last: pl.BlockSpec((None, None, br, last), lambda b_, h_, kb, r_, e: (b_, h_, r_, 0))
+    mask_spec = pl.BlockSpec((None, None, 1, bk), lambda *i: (i[0], i[1], 0, key_block(*i)))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(b, h, nkb, pl.cdiv(rows, br)),
+        in_specs=[
+            row_spec(d),
+            pl.BlockSpec((None, None, bk, d), lambda *i: (i[0], i[1], key_block(*i), 0)),
+            mask_spec, mask_spec,
+            pl.BlockSpec((None, br, 1), lambda b_, h_, kb, r_, e: (b_, r_, 0)),
+            row_spec(1),
+            pl.BlockSpec((None, br, 1), lambda b_, h_, kb, r_, e: (b_, r_, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, 1, bk), lambda b_, h_, kb, r_, e: (b_, h_, 0, kb)),
+    )
+    mass = pl.pallas_call(
+        functools.partial(_mass_kernel, cfg=cfg, n=n, rows=rows),
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((b, h, 1, nkb * bk), F32),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3 + ("arbitrary",)),
+        interpret=interpret,
+        name="kvjax_region_mass_tpu",
+    )(ext, q, k, key_ok, k_pos, q_pos, lse, w)
+    return mass[:, :, 0, :n]
