@@ -23,6 +23,7 @@ from jaxtyping import Array, Bool, Float, Int, jaxtyped
 
 from kvjax.rope import Rope
 from pallas_kernels import cache_attention, cache_attention_reference
+from pallas_kernels.tuning import target_platform
 
 if TYPE_CHECKING:
     from kvjax.policies.base import Step
@@ -31,11 +32,12 @@ IMPLS = ("xla", "pallas", "auto")
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' picks the Pallas kernels on GPU/TPU and XLA on CPU."""
+    """'auto' picks the Pallas kernels when compiling for GPU/TPU and XLA for CPU; the platform is
+    an abstract mesh's if one is set (exporting for TPU from a CPU host), else the default backend."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+        return "pallas" if target_platform() in ("gpu", "tpu") else "xla"
     return impl
 
 
@@ -55,7 +57,7 @@ def attention(
     max_distance: int | None = None,
     cache_pos: Int[Array, "B H C"] | None = None,
     q_pos: Int[Array, "B S"] | None = None,
-    impl: str = "xla",
+    impl: str = "auto",
 ) -> tuple[Float[Array, "B S Hq D"], Float[Array, "B H N"] | None]:
     """Softmax attention of `q` over valid cache slots and causally over the chunk.
 

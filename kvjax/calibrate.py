@@ -43,12 +43,12 @@ def _calibration_tokens(model: CachedDecoder, tokens) -> jax.Array:
     return jnp.asarray(ids)
 
 
-def _prefilled(model: CachedDecoder, tokens, policy_for, chunk_size: int):
-    """The cache after a chunked prefill of `tokens` with `policy_for(padded length)`."""
+def _prefilled(model: CachedDecoder, tokens, policy_for, chunk_size: int, impl: str):
+    """The cache after a chunked prefill of `tokens` with `policy_for(padded length)` (attention by `impl`)."""
     padded, valid = pad_to_chunks(tokens, jnp.ones(tokens.shape, bool), chunk_size)
     policy = policy_for(padded.shape[1])
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda st, c: prefill(nnx.merge(graphdef, st), padded, valid, c, jax.random.key(0), chunk_size=chunk_size))
+    run = jax.jit(lambda st, c: prefill(nnx.merge(graphdef, st), padded, valid, c, jax.random.key(0), chunk_size=chunk_size, impl=impl))
     return run(state, model.cache_spec().init(policy, tokens.shape[0]))[1]
 
 
@@ -65,11 +65,11 @@ class MergeProfile:
         return tuple(1.0 - f for f in self.mergeable)
 
 
-def merge_profile(model: CachedDecoder, tokens, *, threshold: float = 0.9, chunk_size: int = 128) -> MergeProfile:
+def merge_profile(model: CachedDecoder, tokens, *, threshold: float = 0.9, chunk_size: int = 128, impl: str = "auto") -> MergeProfile:
     """Mergeable fraction per layer: mean over rows, KV heads and neighbour pairs of
     [cos(k_i, k_{i+1}) > threshold], keys after RoPE as the cache holds them."""
     tokens = _calibration_tokens(model, tokens)
-    cache = _prefilled(model, tokens, lambda n: make("full", capacity=n), chunk_size)
+    cache = _prefilled(model, tokens, lambda n: make("full", capacity=n), chunk_size, impl)
     fractions = []
     for lc in cache.layers:
         order = position_order(lc.pos, lc.valid)
@@ -95,13 +95,13 @@ class _AttentionProbe(Full):
         return cand.score + cand.mass
 
 
-def attention_profile(model: CachedDecoder, tokens, *, queries: int = 64, chunk_size: int = 64) -> np.ndarray:
+def attention_profile(model: CachedDecoder, tokens, *, queries: int = 64, chunk_size: int = 64, impl: str = "auto") -> np.ndarray:
     """[layers, batch, kv_heads, T]: attention mass of the last `queries` tokens on every key."""
     tokens = _calibration_tokens(model, tokens)
     t = tokens.shape[1]
     if not 0 < queries < t:
         raise ValueError(f"queries must be in 1..{t - 1} for {t} tokens, got {queries}")
-    cache = _prefilled(model, tokens, lambda n: _AttentionProbe(capacity=n, after=t - queries), chunk_size)
+    cache = _prefilled(model, tokens, lambda n: _AttentionProbe(capacity=n, after=t - queries), chunk_size, impl)
     out = []
     for lc in cache.layers:
         order = position_order(lc.pos, lc.valid)[..., :t]
@@ -131,12 +131,12 @@ def group_layers(distributions: np.ndarray, delta: float = 0.5) -> tuple[tuple[i
 
 
 def pod_blocks(model: CachedDecoder, tokens, *, delta: float = 0.5, sinks: int = 16, window: int = 64,
-               queries: int = 64, chunk_size: int = 64) -> tuple[tuple[int, ...], ...]:
+               queries: int = 64, chunk_size: int = 64, impl: str = "auto") -> tuple[tuple[int, ...], ...]:
     """POD's layer blocks for `kvjax.policies.make("pod", owners=...)`, from calibration tokens.
 
     Distant keys are those after the first `sinks` and before the last `queries + window` positions.
     """
-    mass = attention_profile(model, tokens, queries=queries, chunk_size=chunk_size)  # [L, B, H, T]
+    mass = attention_profile(model, tokens, queries=queries, chunk_size=chunk_size, impl=impl)  # [L, B, H, T]
     t = mass.shape[-1]
     if t - queries - window <= sinks:
         raise ValueError(f"{t} calibration tokens leave no distant tokens after sinks={sinks}, window={window}, queries={queries}")

@@ -24,14 +24,15 @@ from kvjax.run import pad_to_chunks, scan_chunks
 
 def stream_nll(
     model: CachedDecoder, tokens, *, policy: Policy, mask=None, chunk_size: int = 128, key: jax.Array | int | None = None,
-    with_cache: bool = False,
+    with_cache: bool = False, impl: str = "auto",
 ) -> Float[Array, "B T"] | tuple[Float[Array, "B T"], KVCache]:
     """Per-token NLL in nats, [B, T-1]: entry j scores the row's next real token after position j,
     given every real token up to j (for a full rectangular batch: tokens[:, j + 1] given tokens[:, :j + 1]).
 
     tokens: [B, T] ids or a list of rows of different lengths; `mask` [B, T] marks
     real tokens of an array (any padding). Entries with no next token are NaN.
-    Returns the final cache too with `with_cache`.
+    Returns the final cache too with `with_cache`. `impl` picks attention ("auto":
+    Pallas kernels on GPU/TPU, XLA on CPU; or "xla", "pallas").
     """
     ids, real = token_batch(tokens, vocab_size=model.vocab_size, mask=mask)
     short = np.flatnonzero(real.sum(-1) < 2)
@@ -48,27 +49,28 @@ def stream_nll(
     padded, valid = pad_to_chunks(jnp.asarray(ids), jnp.asarray(real), chunk_size)
     targets, _ = pad_to_chunks(jnp.asarray(targets), valid[:, :t], chunk_size)
     graphdef, state = nnx.split(model)
-    nll, cache = _stream_nll(graphdef, state, padded, valid, targets, prng_key(key, needed=False, what=""), cache, chunk_size=chunk_size)
+    nll, cache = _stream_nll(graphdef, state, padded, valid, targets, prng_key(key, needed=False, what=""), cache, chunk_size=chunk_size, impl=impl)
     nll = jnp.where(jnp.asarray(scored), nll[:, :t], jnp.nan)[:, : t - 1]
     return (nll, cache) if with_cache else nll
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
-def _stream_nll(graphdef, state, tokens, valid, targets, key, cache, *, chunk_size):
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "impl"))
+def _stream_nll(graphdef, state, tokens, valid, targets, key, cache, *, chunk_size, impl):
     model = nnx.merge(graphdef, state)
 
     def next_token_nll(carry, hidden, val, tgt):
         logp = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)
         return carry, -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
 
-    cache, _, nll = scan_chunks(model, tokens, valid, cache, key, next_token_nll, None, chunk_size=chunk_size, extras=(targets,))
+    cache, _, nll = scan_chunks(model, tokens, valid, cache, key, next_token_nll, None, chunk_size=chunk_size, extras=(targets,), impl=impl)
     return jnp.moveaxis(nll, 0, 1).reshape(tokens.shape), cache
 
 
-def perplexity(model: CachedDecoder, tokens, *, policy: Policy, mask=None, chunk_size: int = 128, start: int = 0) -> float:
+def perplexity(model: CachedDecoder, tokens, *, policy: Policy, mask=None, chunk_size: int = 128, start: int = 0,
+               impl: str = "auto") -> float:
     """exp(mean NLL) of the tokens predicted from positions >= `start` (earlier ones are context only);
     ragged rows and masks as `stream_nll`."""
-    nll = np.asarray(stream_nll(model, tokens, policy=policy, mask=mask, chunk_size=chunk_size))
+    nll = np.asarray(stream_nll(model, tokens, policy=policy, mask=mask, chunk_size=chunk_size, impl=impl))
     if not isinstance(start, int) or not 0 <= start < nll.shape[1]:
         raise ValueError(f"start={start!r} leaves nothing to score: use 0 <= start < {nll.shape[1]} (the text has {nll.shape[1] + 1} positions)")
     scored = nll[:, start:][np.isfinite(nll[:, start:])]

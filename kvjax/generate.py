@@ -118,7 +118,7 @@ def generate(
     key: jax.Array | int | None = None,
     chunk_size: int = 64,
     pad_id: int = 0,
-    impl: str = "xla",
+    impl: str = "auto",
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` per row with a fixed-capacity cache.
 
@@ -205,7 +205,7 @@ class Stream:
     """
 
     def __init__(self, model, state: DecodeState, *, max_new_tokens: int, produced: int = 0, block: int = 16,
-                 sampler: Sampler = Sampler(), stop_tokens: tuple[int, ...] = (), pad_id: int = 0, impl: str = "xla"):
+                 sampler: Sampler = Sampler(), stop_tokens: tuple[int, ...] = (), pad_id: int = 0, impl: str = "auto"):
         if not isinstance(block, int) or block < 1:
             raise ValueError(f"block must be a positive int, got {block!r}")
         self.model, self.state, self.max_new_tokens, self.produced = model, state, max_new_tokens, produced
@@ -261,7 +261,7 @@ def stream(
     model: CachedDecoder, prompt, *, policy: Policy | None = None, max_new_tokens: int, block: int = 16,
     cache: KVCache | None = None, prompt_lengths=None, prompt_mask=None, sampler: Sampler = Sampler(),
     stop_tokens: int | tuple[int, ...] = (), key: jax.Array | int | None = None, chunk_size: int = 64, pad_id: int = 0,
-    impl: str = "xla",
+    impl: str = "auto",
 ) -> Stream:
     """`generate`, yielding tokens `block` at a time as they are produced (the same tokens
     for the same key); arguments as `generate`'s."""

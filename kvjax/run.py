@@ -22,7 +22,7 @@ from kvjax.policies.base import Step
 from kvjax.protocol import CachedDecoder
 
 
-def make_step(cache: KVCache, valid: Bool[Array, "B S"], key, *, prefill: bool, impl: str = "xla") -> Step:
+def make_step(cache: KVCache, valid: Bool[Array, "B S"], key, *, prefill: bool, impl: str = "auto") -> Step:
     """Positions continue from `cache.seen`; padding takes no position."""
     positions = cache.seen[:, None] + jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
     return Step(seen=cache.seen, positions=positions, new_valid=valid, key=key, prefill=prefill, impl=impl)
@@ -30,7 +30,7 @@ def make_step(cache: KVCache, valid: Bool[Array, "B S"], key, *, prefill: bool, 
 
 def forward_chunk(
     model: CachedDecoder, tokens: Int[Array, "B S"], valid: Bool[Array, "B S"], cache: KVCache,
-    key, *, prefill: bool, impl: str = "xla",
+    key, *, prefill: bool, impl: str = "auto",
 ) -> tuple[Float[Array, "B S d"], KVCache]:
     """Run one chunk through the model and advance `cache.seen`."""
     step = make_step(cache, valid, key, prefill=prefill, impl=impl)
@@ -54,7 +54,7 @@ def pad_to_chunks(tokens: Array, valid: Array, chunk: int, pad_id: int = 0) -> t
 
 def scan_chunks(
     model: CachedDecoder, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], cache: KVCache,
-    key, fn: Callable, init, *, chunk_size: int, extras: tuple[Array, ...] = (), impl: str = "xla",
+    key, fn: Callable, init, *, chunk_size: int, extras: tuple[Array, ...] = (), impl: str = "auto",
 ):
     """Feed [B, T] tokens through the model chunk by chunk (`lax.scan`).
 
@@ -78,7 +78,7 @@ def scan_chunks(
 
 def prefill(
     model: CachedDecoder, tokens: Int[Array, "B T"], valid: Bool[Array, "B T"], cache: KVCache,
-    key, *, chunk_size: int, impl: str = "xla",
+    key, *, chunk_size: int, impl: str = "auto",
 ) -> tuple[Float[Array, "B d"], KVCache]:
     """Consume a prompt in chunks; return each row's last valid hidden state and the cache.
     Concrete token ids are checked against the vocabulary (traced ones cannot be; see `kvjax.inputs`)."""

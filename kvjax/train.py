@@ -65,6 +65,23 @@ class TrainConfig:
 LossFn = Callable  # (model, batch [B, L+1], step, key) -> (loss, dict of scalar metrics)
 
 
+def train_step(graphdef, rest, tx: optax.GradientTransformation, loss_fn: LossFn, seed: int):
+    """The jitted update `(params, opt_state, batch, step) -> (params, opt_state, metrics)`: loss and
+    grads of `loss_fn` on the model rebuilt from (graphdef, params, rest), then one optimizer step.
+    A function of its own so it can be lowered without running (tests export it for TPU)."""
+
+    @jax.jit
+    def step_fn(params, opt_state, batch, step):
+        def loss(p):
+            return loss_fn(nnx.merge(graphdef, p, rest), batch, step, jax.random.fold_in(jax.random.key(seed), step))
+
+        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads), **metrics}
+
+    return step_fn
+
+
 def train(
     model: nnx.Module, loss_fn: LossFn, batches: Callable[[int], np.ndarray], config: TrainConfig, *,
     workdir: str | pathlib.Path | None = None, progress: bool = True, description: str = "train",
@@ -87,15 +104,7 @@ def train(
             params, opt_state = _restore(manager, start, params, opt_state)
             _truncate_log(log_path, start)
 
-    @jax.jit
-    def step_fn(params, opt_state, batch, step):
-        def loss(p):
-            return loss_fn(nnx.merge(graphdef, p, rest), batch, step, jax.random.fold_in(jax.random.key(config.seed), step))
-
-        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads), **metrics}
-
+    step_fn = train_step(graphdef, rest, tx, loss_fn, config.seed)
     records = []
     bar = tqdm(total=config.steps, initial=start, desc=description, disable=not progress, dynamic_ncols=True)
     schedule = config.schedule()

@@ -7,6 +7,9 @@ and no padding leaked in.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +17,7 @@ import pytest
 from flax import nnx
 
 import kvjax
+from kvjax.attention import attention, resolve_impl
 from models import Llama, LlamaConfig
 from pallas_kernels import cache_attention, cache_attention_reference
 
@@ -186,3 +190,83 @@ def test_softcap_follows_the_float64_formula(impl):
     logits = 1.5 * np.tanh(q[0, 0] @ keys.T * 0.5 / 1.5)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     np.testing.assert_allclose(np.asarray(out[0, 0]), (p / p.sum(-1, keepdims=True)) @ values, rtol=1e-5, atol=1e-6)
+
+
+ENTRIES = {  # every public entry that runs attention, and its keyword
+    "generate": kvjax.generate, "stream": kvjax.stream, "Stream": kvjax.Stream,
+    "stream_nll": kvjax.evaluate.stream_nll, "perplexity": kvjax.evaluate.perplexity,
+    "merge_profile": kvjax.calibrate.merge_profile, "attention_profile": kvjax.calibrate.attention_profile,
+    "pod_blocks": kvjax.calibrate.pod_blocks, "prefill": kvjax.run.prefill, "forward_chunk": kvjax.run.forward_chunk,
+    "scan_chunks": kvjax.run.scan_chunks, "make_step": kvjax.run.make_step, "attention": attention,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_every_entry_defaults_to_auto(name):
+    assert inspect.signature(ENTRIES[name]).parameters["impl"].default == "auto"
+
+
+def test_step_defaults_to_auto():
+    assert {f.name: f.default for f in dataclasses.fields(kvjax.policies.base.Step)}["impl"] == "auto"
+
+
+@pytest.mark.parametrize(("platform", "want"), [("tpu", "pallas"), ("gpu", "pallas"), ("cpu", "xla")])
+def test_auto_resolves_by_backend(monkeypatch, platform, want):
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    assert resolve_impl("auto") == want
+    assert resolve_impl("xla") == "xla"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl("triton")
+
+
+def test_auto_on_cpu_runs_no_kernel(tiny):
+    """The default path on this CPU is the XLA reference: no pallas_call in generate's program."""
+    tokens = jnp.ones((1, 8), jnp.int32)
+    cache = tiny.cache_spec().init(kvjax.policies.make("h2o", capacity=8), 1)
+    graphdef, state = nnx.split(tiny)
+    jaxpr = jax.make_jaxpr(lambda st, c: kvjax.run.prefill(nnx.merge(graphdef, st), tokens, tokens > 0, c, jax.random.key(0), chunk_size=4))(state, cache)
+    assert "pallas_call" not in str(jaxpr)
+    forced = jax.make_jaxpr(lambda st, c: kvjax.run.prefill(nnx.merge(graphdef, st), tokens, tokens > 0, c, jax.random.key(0), chunk_size=4, impl="pallas"))(state, cache)
+    assert "pallas_call" in str(forced)
+
+
+def test_the_mass_is_never_written_per_row():
+    """The statistic costs O(keys) writes: kernel outputs are partial softmaxes ([..., rows, head_dim]
+    or [..., rows, 1]) and one [B, H, 1, keys] mass per region, never [rows, keys] (the old path
+    wrote the masked logits [B, H, R, N] and normalised them outside)."""
+    args, extras = inputs(60, chunk=12, group=4, capacity=300, head_dim=32)  # rows 48, keys 300 + 12
+    for backend in BACKENDS:
+        jaxpr = jax.make_jaxpr(lambda *a: cache_attention(*a, **extras, backend=backend, interpret=True))(*args)
+        shapes = [tuple(v.aval.shape) for eqn in jaxpr.eqns if eqn.primitive.name == "pallas_call" for v in eqn.outvars]
+        masses = [s for s in shapes if s[-1] not in (32, 1)]
+        assert len(shapes) == 2 * 3 + 2 and len(masses) == 2, shapes
+        assert all(s[:3] == (2, 2, 1) for s in masses), shapes
+
+
+BAD_INPUTS = [
+    (lambda a, e: ((a[0][:, :, :2],) + a[1:], e), ValueError, "not a multiple of group"),
+    (lambda a, e: (a[:1] + (a[1][:1],) + a[2:], e), ValueError, "k_cache has shape"),
+    (lambda a, e: (a[:3] + (a[3].astype(jnp.int32),) + a[4:], e), TypeError, "pass a bool mask"),
+    (lambda a, e: (a[:1] + (a[1].astype(jnp.int32),) + a[2:], e), TypeError, "floating inputs"),
+    (lambda a, e: (a, dict(e, max_distance=4, cache_pos=None)), ValueError, "needs positions"),
+    (lambda a, e: (a, dict(e, stat_weights=e["stat_weights"][:, :0])), ValueError, "one weight per query token"),
+]
+
+
+@pytest.mark.parametrize(("edit", "error", "match"), BAD_INPUTS)
+def test_bad_inputs_name_the_fix(edit, error, match):
+    args, extras = edit(*inputs(70))
+    with pytest.raises(error, match=match):
+        cache_attention(*args, **extras, backend="tpu", interpret=True)
+
+
+@pytest.mark.parametrize(("backend", "blocks", "match"), [
+    ("gpu", dict(block_k=48), "powers of two.*use block_k=64"),
+    ("tpu", dict(block_k=200), "multiples of 128.*use block_k=128"),
+    ("tpu", dict(block_r=12), "multiples of 8.*use block_r=8"),
+])
+def test_blocks_that_cannot_compile_name_the_fix(backend, blocks, match):
+    """Compiled (not interpreted) kernels need legal tiles; the check runs before any lowering."""
+    args, extras = inputs(71, chunk=16, capacity=300)
+    with pytest.raises(ValueError, match=match):
+        cache_attention(*args, **extras, backend=backend, interpret=False, **blocks)

@@ -49,7 +49,7 @@ class Step:
     new_valid: Bool[Array, "B S"]
     key: jax.Array
     prefill: bool = struct.field(pytree_node=False, default=True)
-    impl: str = struct.field(pytree_node=False, default="xla")
+    impl: str = struct.field(pytree_node=False, default="auto")
 
     @property
     def seen_after(self) -> Int[Array, " B"]:
