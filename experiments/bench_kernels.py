@@ -48,6 +48,15 @@ def copy_bandwidth(repeats: int) -> float:
     return 2 * x.nbytes / timer(copy, x, repeats=repeats)
 
 
+def kernel_bytes_written(*args, **kwargs) -> int:
+    """Bytes the Pallas kernels of one `cache_attention(*args, **kwargs)` call write to memory,
+    from their output shapes (interpreted tracing: no device needed). With the statistic, the
+    mass pass writes [B, H, keys] floats; the path before it wrote the logits [B, H, rows, keys]."""
+    jaxpr = jax.make_jaxpr(functools.partial(cache_attention, interpret=True, **kwargs))(*args)
+    calls = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "pallas_call"]  # cache_attention calls them at top level
+    return sum(v.aval.size * v.aval.dtype.itemsize for eqn in calls for v in eqn.outvars)
+
+
 def make_inputs(key, *, batch, kv_heads, group, capacity, chunk, head_dim, dtype):
     ks = jax.random.split(key, 6)
     rows = chunk * group
@@ -94,14 +103,15 @@ def main(argv=None):
             fn = jax.jit(functools.partial(impls[impl], group=args.group, scale=args.head_dim**-0.5,
                                            stat_weights=weights if stats else None))
             seconds = timer(fn, *inputs, repeats=args.repeats)
-            rows.append(dict(kind=kind, capacity=cap, impl=impl, stats=stats, ms=1e3 * seconds,
+            writes = kernel_bytes_written(*inputs, group=args.group, scale=1.0, stat_weights=weights if stats else None)
+            rows.append(dict(kind=kind, capacity=cap, impl=impl, stats=stats, ms=1e3 * seconds, kernel_bytes_written=writes,
                              bytes_read=read, bytes_per_s=read / seconds, flop_per_s=flops / seconds, of_copy_bandwidth=read / seconds / bandwidth))
 
     print(f"device {jax.devices()[0]}  copy bandwidth {bandwidth / 1e9:.1f} GB/s  dtype {jnp.dtype(dtype).name}")
-    print(f"{'kind':<8} {'slots':>6} {'impl':<7} {'stats':<6} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'GFLOP/s':>8}")
+    print(f"{'kind':<8} {'slots':>6} {'impl':<7} {'stats':<6} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'GFLOP/s':>8} {'kernel writes':>14}")
     for r in rows:
         print(f"{r['kind']:<8} {r['capacity']:>6} {r['impl']:<7} {str(r['stats']):<6} {r['ms']:>9.3f} "
-              f"{r['bytes_per_s'] / 1e9:>8.2f} {r['of_copy_bandwidth']:>8.2f} {r['flop_per_s'] / 1e9:>8.1f}")
+              f"{r['bytes_per_s'] / 1e9:>8.2f} {r['of_copy_bandwidth']:>8.2f} {r['flop_per_s'] / 1e9:>8.1f} {r['kernel_bytes_written']:>14,}")
     meta = dict(device=str(jax.devices()[0]), machine=platform.machine(), jax=jax.__version__, dtype=jnp.dtype(dtype).name,
                 copy_bytes_per_s=bandwidth, **{k: v for k, v in vars(args).items() if k != "out"})
     write_json(args.out, dict(meta=meta, rows=rows))

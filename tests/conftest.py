@@ -23,6 +23,17 @@ import tests.example_policy  # noqa: E402, F401  (a third-party policy: every re
 MAPPINGS = "/proc/self/maps"
 
 
+def pytest_collection_modifyitems(config, items):
+    """`device` tests compile the kernels for a GPU or TPU: skipped on a CPU backend
+    (run them with `python -m experiments.device_check` on an accelerator)."""
+    if jax.default_backend() in ("gpu", "tpu"):
+        return
+    skip = pytest.mark.skip(reason="needs a GPU or TPU (run python -m experiments.device_check there)")
+    for item in items:
+        if "device" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _release_compiled_programs():
     """Free compiled programs when the process nears Linux's 65,530 memory-mapping

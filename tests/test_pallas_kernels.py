@@ -74,9 +74,9 @@ def assert_close(got, want, tol):
     assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
-def kernel_errors(backend, args, extras, **blocks) -> dict[str, float]:
+def kernel_errors(backend, args, extras, interpret=True, **blocks) -> dict[str, float]:
     """Relative errors of the kernel's output, lse and per-slot mass against the reference."""
-    out, lse, mass = cache_attention(*args, **extras, backend=backend, interpret=True, **blocks)
+    out, lse, mass = cache_attention(*args, **extras, backend=backend, interpret=interpret, **blocks)
     ref_out, ref_lse, ref_mass = cache_attention_reference(*args, **extras)
     seen = np.isfinite(ref_lse)
     errors = dict(
@@ -270,3 +270,35 @@ def test_blocks_that_cannot_compile_name_the_fix(backend, blocks, match):
     args, extras = inputs(71, chunk=16, capacity=300)
     with pytest.raises(ValueError, match=match):
         cache_attention(*args, **extras, backend=backend, interpret=False, **blocks)
+
+
+DEVICE_CASES = {  # compiled kernels (not interpreted), default blocks from the tuning table
+    "decode_f32_mha": dict(group=1, capacity=1000, kv_heads=4, head_dim=128),
+    "decode_f32_gqa8_4k": dict(group=8, capacity=4096, kv_heads=2, head_dim=128),
+    "decode_bf16_gqa4": dict(group=4, capacity=1000, kv_heads=2, head_dim=128, dtype=jnp.bfloat16),
+    "decode_bf16_mqa_d256": dict(group=16, capacity=2048, kv_heads=1, head_dim=256, dtype=jnp.bfloat16),
+    "prefill_f32_gqa3": dict(group=3, chunk=128, capacity=1000, kv_heads=3, head_dim=64),
+    "prefill_bf16_gqa4": dict(group=4, chunk=256, capacity=3000, kv_heads=2, head_dim=128, dtype=jnp.bfloat16),
+}
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("case", sorted(DEVICE_CASES))
+@pytest.mark.parametrize("options", ["plain", "softcap_window"])
+def test_compiled_kernel_matches_reference(case, options):
+    """On a GPU or TPU (skipped on CPU): this platform's kernel, compiled, with the mass pass."""
+    cfg = DEVICE_CASES[case]
+    args, extras = inputs(80, batch=2, mask="holes", **cfg)
+    if options == "softcap_window":
+        extras = dict(extras, softcap=30.0, max_distance=40)
+    errors = kernel_errors(None, args, extras, interpret=False)
+    assert max(errors.values()) <= TOL[cfg.get("dtype", jnp.float32)], errors
+
+
+@pytest.mark.device
+def test_compiled_generate_equals_xla(tiny):
+    """generate with the default impl ("auto": the compiled kernels here) against impl="xla"."""
+    tokens = jax.random.randint(jax.random.key(1), (2, 40), 1, 256)
+    policy = kvjax.policies.make("h2o", capacity=32)
+    runs = {impl: kvjax.generate(tiny, tokens, policy=policy, max_new_tokens=16, chunk_size=16, impl=impl) for impl in ("auto", "xla")}
+    np.testing.assert_array_equal(runs["auto"].tokens, runs["xla"].tokens)
