@@ -58,30 +58,31 @@ def test_smollm2_golden_perplexity_and_tokenizer(smollm2):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", POLICIES)
 def test_every_policy_generates_on_smollm2(smollm2, name):
-    """A 1k-token real prompt + 64 new tokens in one jit; with room for everything
-    each policy generates exactly the full cache's tokens."""
+    """A 320-token real prompt (three prefill chunks, the last one partial) + 24 new tokens in one
+    jit; with room for everything each policy generates exactly the full cache's tokens."""
     model, tokenizer = smollm2
-    prompt = np.asarray(tokenizer.encode(essay("worked"))[:1024])[None]
-    room = 1024 + 64
+    prompt = np.asarray(tokenizer.encode(essay("worked"))[:PROMPT])[None]
+    room = PROMPT + NEW
     if name == "pyramidkv":
         policy = kvjax.policies.make("pyramidkv", capacity=room, window=8, num_layers=model.cfg.num_layers, beta=1.0)
     else:
         policy = make_policy(name, room)
     if name == "dmc":  # with its decision dimension zeroed, DMC never merges
         model = decision_dimension_zeroed(model)
-        want = kvjax.generate(model, prompt, policy=kvjax.policies.make("full", capacity=room), max_new_tokens=64, chunk_size=256).tokens
+        want = kvjax.generate(model, prompt, policy=kvjax.policies.make("full", capacity=room), max_new_tokens=NEW, chunk_size=128).tokens
     else:
         want = _full_tokens(model, prompt)
-    got = kvjax.generate(model, prompt, policy=policy, max_new_tokens=64, chunk_size=256)
+    got = kvjax.generate(model, prompt, policy=policy, max_new_tokens=NEW, chunk_size=128)
     np.testing.assert_array_equal(got.tokens, want)
 
 
+PROMPT, NEW = 320, 24
 _FULL = {}
 
 
 def _full_tokens(model, prompt):
     if "tokens" not in _FULL:
-        out = kvjax.generate(model, prompt, policy=kvjax.policies.make("full", capacity=1088), max_new_tokens=64, chunk_size=256)
+        out = kvjax.generate(model, prompt, policy=kvjax.policies.make("full", capacity=PROMPT + NEW), max_new_tokens=NEW, chunk_size=128)
         _FULL["tokens"] = np.asarray(out.tokens)
     return _FULL["tokens"]
 
