@@ -6,9 +6,10 @@ Training (DMC's retrofit) lives in kvjax.retrofit (losses, relaxed attention),
 kvjax.data (packed batches) and kvjax.train (the loop; imported on its own).
 A policy implements `Policy.update` (the general tier) or is a `score` on
 `kvjax.policies.ScorerPolicy` (the common tier); see kvjax.policies.
+kvjax.sharding places a model and its cache on a (data, model) device mesh.
 """
 
-from kvjax import calibrate, data, evaluate, policies, retrofit, rope
+from kvjax import calibrate, data, evaluate, policies, retrofit, rope, sharding
 from kvjax.attend import attend
 from kvjax.attention import LayerAttention, attention
 from kvjax.cache import KVCache, init_cache
@@ -22,5 +23,5 @@ from kvjax.sampling import Sampler
 
 __all__ = [
     "CacheSpec", "CachedDecoder", "CapacityPlan", "DecodeState", "GenerateOutput", "KVCache", "LayerAttention", "Policy", "Rope", "Sampler", "Step", "Stream",
-    "attend", "attention", "calibrate", "data", "evaluate", "forward_chunk", "generate", "init_cache", "make_step", "plan_capacity", "policies", "prefill", "retrofit", "stream",
+    "attend", "attention", "calibrate", "data", "evaluate", "forward_chunk", "generate", "init_cache", "make_step", "plan_capacity", "policies", "prefill", "retrofit", "sharding", "stream",
 ]

@@ -33,6 +33,7 @@ from kvjax.policies.base import Policy
 from kvjax.protocol import CachedDecoder
 from kvjax.run import forward_chunk, pad_to_chunks, prefill
 from kvjax.sampling import Sampler
+from kvjax.sharding import on_model_mesh
 
 MIN_BUCKET = 128  # generated-token buffers are sized to the next power of two from here
 
@@ -87,6 +88,7 @@ class _Request:
             layer_policy.check_length(seen + int(mask.sum(-1).max()) + max_new_tokens,
                                       "tokens seen + prompt + max_new_tokens" if seen else "prompt + max_new_tokens")
         self.tokens, self.valid = pad_to_chunks(jnp.asarray(ids), jnp.asarray(mask), chunk_size, pad_id)
+        self.cache, self.tokens, self.valid = on_model_mesh(model, self.cache, self.tokens, self.valid)
 
 
 def _cache_for(model, policy, cache, batch: int) -> KVCache:

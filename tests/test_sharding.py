@@ -1,0 +1,115 @@
+"""SPMD over a (data, model) mesh of 8 simulated CPU devices (conftest sets XLA_FLAGS before jax loads).
+
+Correctness and memory only: simulated devices share one CPU, so nothing here says anything about speed.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kvjax
+from kvjax import sharding
+from kvjax.run import forward_chunk
+from models import Llama, LlamaConfig
+
+CFG = LlamaConfig.tiny(num_heads=8, num_kv_heads=4, num_layers=1)  # heads that divide over model axes of 1, 2 and 4
+OPTIONS = {"snapkv": dict(window=4), "pod": dict(sinks=2, window=4)}
+POLICIES = ["full", "h2o", "snapkv", "streaming_llm", "pod", "dmc", "kvmerger"]
+PROMPT = np.asarray(jax.random.randint(jax.random.key(1), (8, 24), 1, 256))
+
+
+def policy(name: str, capacity: int = 16):
+    return kvjax.policies.make(name, capacity=40 if name == "full" else capacity, **OPTIONS.get(name, {}))
+
+
+def model(mesh=None) -> Llama:
+    m = Llama(CFG, rngs=nnx.Rngs(0))
+    return m if mesh is None else sharding.shard_model(m, mesh)
+
+
+def greedy(m, name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DMC on a model never retrofitted
+        return kvjax.generate(m, PROMPT, policy=policy(name), max_new_tokens=8, chunk_size=8)
+
+
+_SINGLE: dict[str, np.ndarray] = {}
+
+
+def single_device_tokens(name):
+    if name not in _SINGLE:
+        _SINGLE[name] = np.asarray(greedy(model(), name).tokens)
+    return _SINGLE[name]
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_sharded_generate_equals_one_device(name):
+    """Batch rows over data, heads over model (2 x 4): the single-device greedy tokens, the cache still sharded."""
+    out = greedy(model(sharding.make_mesh(2, 4)), name)
+    np.testing.assert_array_equal(out.tokens, single_device_tokens(name))
+    for leaf in jax.tree.leaves(out.cache):
+        assert tuple(leaf.sharding.spec)[: min(leaf.ndim, 2)] == ("data", "model")[: leaf.ndim], leaf.sharding
+
+
+def test_every_mesh_shape_gives_the_same_tokens():
+    """8 x 1, 4 x 2 and 1 x 8 (h2o). On 1 x 8, 4 KV heads do not divide over 8 devices, so they are
+    replicated over `model` (the documented choice, with a warning that names it) while the 8
+    query heads are sharded."""
+    want = single_device_tokens("h2o")
+    for shape in [(8, 1), (4, 2)]:
+        np.testing.assert_array_equal(greedy(model(sharding.make_mesh(*shape)), "h2o").tokens, want)
+    with pytest.warns(UserWarning, match="4 kv_heads do not divide over the 8 devices of mesh axis 'model'; they are replicated"):
+        m = model(sharding.make_mesh(1, 8))
+    assert m.layers[0].self_attn.q_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert m.layers[0].self_attn.k_proj.kernel[...].sharding.is_fully_replicated
+    with pytest.warns(UserWarning, match="replicated"):  # the cache's KV heads too
+        out = kvjax.generate(m, PROMPT, policy=policy("h2o"), max_new_tokens=8, chunk_size=8)
+    np.testing.assert_array_equal(out.tokens, want)
+    assert out.cache.layers[0].k.sharding.is_fully_replicated and len(out.cache.layers[0].k.sharding.device_set) == 8
+
+
+def test_cache_bytes_per_device_are_total_over_shards():
+    """[batch, kv_heads, ...] buffers hold 1/8 of their bytes per device on 2 x 4; `seen` [batch] 1/2."""
+    mesh = sharding.make_mesh(2, 4)
+    cache = sharding.shard_cache(model().cache_spec().init(policy("h2o", 64), 8), mesh)
+    held = sharding.bytes_per_device(cache)
+    seen = cache.seen.nbytes  # [batch]: over data only, replicated over model
+    assert len(held) == 8 and set(held.values()) == {(cache.nbytes - seen) // 8 + seen // 2}
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "streaming_llm", "kvmerger", "dmc"])
+def test_compiled_decode_step_gathers_no_cache_buffer(name):
+    """Policies stay local: in the partitioned decode step no all-gather returns a buffer with the slot
+    axis (96 slots, a size no other array has), so every (row, KV head) shard is updated where it lives."""
+    mesh = sharding.make_mesh(2, 4)
+    m = model(mesh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        cache = sharding.shard_cache(m.cache_spec().init(policy(name, 96), 4), mesh)
+    graphdef, state = nnx.split(m)
+    token = jax.device_put(jnp.ones((4, 1), jnp.int32), sharding.batch_spec(mesh, 4))
+    step = jax.jit(lambda st, c, t: forward_chunk(nnx.merge(graphdef, st), t, t > 0, c, jax.random.key(0), prefill=False),
+                   donate_argnums=1)
+    hlo = step.lower(state, cache, token).compile().as_text()
+    gathered = re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather\(", hlo)
+    assert "all-reduce" in hlo  # the program is partitioned (o_proj's heads are summed across `model`)
+    assert not [g for g in gathered if "96" in g.split(",")], gathered
+
+
+def test_a_mesh_larger_than_the_devices_names_the_flag():
+    with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
+        sharding.make_mesh(16, 1)
+
+
+def test_sharded_perplexity_equals_one_device():
+    """evaluate places the cache and the text on the model's mesh like generate does."""
+    want = kvjax.evaluate.perplexity(model(), PROMPT, policy=policy("h2o"), chunk_size=8)
+    got = kvjax.evaluate.perplexity(model(sharding.make_mesh(4, 2)), PROMPT, policy=policy("h2o"), chunk_size=8)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
