@@ -70,9 +70,8 @@ def peak_hbm() -> float | None:
 
 def run_device_tests() -> dict:
     """`pytest -m device` in a subprocess that sees the accelerator (the test suite defaults to CPU)."""
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", ""))
-    if jax.default_backend() == "cpu":
-        env["JAX_PLATFORMS"] = "cpu"
+    platforms = "cpu" if jax.default_backend() == "cpu" else os.environ.get("JAX_PLATFORMS", "")
+    env = dict(os.environ, JAX_PLATFORMS=platforms)
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "device", "tests/test_pallas_kernels.py", "-p", "no:cacheprovider"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parent.parent)
     summary = (done.stdout.strip().splitlines() or [""])[-1]

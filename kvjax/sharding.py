@@ -16,6 +16,7 @@ of the axis and shard only the query heads and the MLP.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import jax
@@ -90,19 +91,22 @@ def model_shardings(model: nnx.Module, mesh: Mesh) -> nnx.State:
     cfg = model.cfg
     counts = {"heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads}
     flat = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _each_warning_once():
         for path, variable in nnx.to_flat_state(nnx.state(model)):
             axes = PARAM_AXES.get(tuple(str(p) for p in path[-2:]))
             spec = PartitionSpec() if axes is None else spec_for(mesh, axes, variable.shape, counts=counts, what="model")
             flat.append((path, variable.replace(NamedSharding(mesh, spec))))
-    _warn_once(caught)
     return nnx.from_flat_state(flat)
 
 
-def _warn_once(caught) -> None:
-    for message in sorted({str(w.message) for w in caught}):  # once per kind, not once per layer
-        warnings.warn(message, stacklevel=3)
+@contextlib.contextmanager
+def _each_warning_once():
+    """Collect the warnings of a walk over many buffers and give each distinct one once (not once per layer)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for message in sorted({str(w.message) for w in caught}):
+        warnings.warn(message, stacklevel=4)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
@@ -113,12 +117,9 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
 
 def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
     """NamedShardings of a cache (same tree): [batch, kv_heads, ...] buffers over (data, model), `seen` over data."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        shardings = jax.tree.map(
+    with _each_warning_once():
+        return jax.tree.map(
             lambda x: NamedSharding(mesh, spec_for(mesh, ("batch", "kv_heads")[: x.ndim], x.shape[:2], what="cache")), cache)
-    _warn_once(caught)
-    return shardings
 
 
 def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:

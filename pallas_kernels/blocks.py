@@ -65,13 +65,16 @@ def online_update(carry, s: Float[Array, "R K"], ok: Bool[Array, "R K"], v: Floa
 
 
 def weighted_mass(
-    s: Float[Array, "R K"], ok: Bool[Array, "R K"], lse: Float[Array, "R 1"], w: Float[Array, "R 1"]
+    s: Float[Array, "R K"], ok: Bool[Array, "R K"], lse: Float[Array, "R 1"], w: Float[Array, "R 1"],
+    row: Int[Array, "R 1"], rows: int,
 ) -> Float[Array, "1 K"]:
-    """One key block's attention mass, sum_r w_r * exp(s_rk - lse_r) over visible pairs; rows with
-    lse = -inf (padding) or out of bounds must come with w = 0 and add nothing."""
+    """One key block's attention mass, sum_r w_r * exp(s_rk - lse_r) over visible pairs. Rows with
+    lse = -inf (padding) add nothing, and so do rows past the array (`row >= rows`: the last row
+    block may stick out, and what it reads there is undefined, NaN included)."""
+    in_bounds = row < rows
     lse = jnp.where(lse > -jnp.inf, lse, jnp.inf)  # exp(s - inf) = 0, not exp(+inf)
-    p = jnp.where(ok, jnp.exp(s - lse), 0.0)
-    return jnp.sum(p * w, axis=0, keepdims=True)
+    p = jnp.where(ok & in_bounds, jnp.exp(s - lse), 0.0)
+    return jnp.sum(p * jnp.where(in_bounds, w, 0.0), axis=0, keepdims=True)
 
 
 def combine(

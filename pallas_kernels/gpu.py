@@ -92,9 +92,9 @@ def _mass_kernel(ext_ref, q_ref, k_ref, ok_ref, kpos_ref, qpos_ref, lse_ref, w_r
         block = pl.ds(rb * block_r, block_r)
         row = rb * block_r + jax.lax.broadcasted_iota(jnp.int32, (block_r, 1), 0)
         ok = visible(row, col, key_ok, n, group=cfg.group, causal=cfg.causal, q_pos=qpos_ref[block, :],
-                     k_pos=k_pos, max_distance=cfg.max_distance) & (row < rows)
-        w = jnp.where(row < rows, w_ref[block, :], 0.0)  # rows past the array are padding
-        return acc + weighted_mass(scores(q_ref[block, :], k, cfg.scale, cfg.softcap), ok, lse_ref[block, :], w)
+                     k_pos=k_pos, max_distance=cfg.max_distance)
+        s = scores(q_ref[block, :], k, cfg.scale, cfg.softcap)
+        return acc + weighted_mass(s, ok, lse_ref[block, :], w_ref[block, :], row, rows)
 
     mass_ref[...] = jax.lax.fori_loop(first, last, body, jnp.zeros((1, bk), F32))
 

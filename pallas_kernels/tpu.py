@@ -109,10 +109,9 @@ def _mass_kernel(ext_ref, q_ref, k_ref, ok_ref, kpos_ref, qpos_ref, lse_ref, w_r
         row = r * cfg.block_r + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_r, 1), 0)
         col = start + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
         ok = visible(row, col, ok_ref[...] != 0, n, group=cfg.group, causal=cfg.causal,
-                     q_pos=qpos_ref[...], k_pos=kpos_ref[...], max_distance=cfg.max_distance) & (row < rows)
-        w = jnp.where(row < rows, w_ref[...], 0.0)  # the last row block may stick out of the array
+                     q_pos=qpos_ref[...], k_pos=kpos_ref[...], max_distance=cfg.max_distance)
         s = scores(q_ref[...], k_ref[...], cfg.scale, cfg.softcap)
-        mass_ref[...] += weighted_mass(s, ok, lse_ref[...], w)
+        mass_ref[...] += weighted_mass(s, ok, lse_ref[...], w_ref[...], row, rows)
 
 
 def region_mass(inputs: Inputs, stats: MassInputs, cfg: Region, *, interpret=False) -> Float[Array, "B H N"]:
