@@ -17,7 +17,7 @@ test:  ## install and run the whole test suite
 	$(PIP) -e ".[test,real]"
 	$(DATA)
 	$(GEMMA)
-	$(PY) -m pytest -q; rc=$$?; \
+	$(PY) -m pytest -q -n auto --dist worksteal; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 bench:  ## decode-step time and cache bytes versus tokens seen
