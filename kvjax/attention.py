@@ -22,6 +22,7 @@ from einops import rearrange
 from jaxtyping import Array, Bool, Float, Int, jaxtyped
 
 from kvjax.rope import Rope
+from kvjax.sharding import per_shard
 from pallas_kernels import cache_attention, cache_attention_reference
 from pallas_kernels.tuning import target_platform
 
@@ -77,12 +78,13 @@ def attention(
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
     g = hq // h
     rows = rearrange(q, "b s (h g) d -> b h (s g) d", h=h)  # row r = s * g + (head in group)
-    fn = cache_attention if impl == "pallas" else cache_attention_reference
-    out, _, mass = fn(
-        rows, k_cache, v_cache, cache_valid, k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3), new_valid,
-        group=g, scale=scale, softcap=softcap, max_distance=max_distance, cache_pos=cache_pos, q_pos=q_pos,
-        stat_weights=stat_weights,
-    )
+    arrays = dict(q=rows, k_cache=k_cache, v_cache=v_cache, cache_valid=cache_valid, k_new=k_new.transpose(0, 2, 1, 3),
+                  v_new=v_new.transpose(0, 2, 1, 3), new_valid=new_valid, cache_pos=cache_pos, q_pos=q_pos, stat_weights=stat_weights)
+    settings = dict(group=g, scale=scale, softcap=softcap, max_distance=max_distance)
+    if impl == "pallas":  # XLA partitions the reference itself; a Pallas call runs per shard
+        out, _, mass = per_shard(lambda **a: cache_attention(**a, **settings), arrays, batch=b, heads=h)
+    else:
+        out, _, mass = cache_attention_reference(**arrays, **settings)
     return rearrange(out, "b h (s g) d -> b s (h g) d", g=g), mass
 
 

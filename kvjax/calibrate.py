@@ -31,6 +31,7 @@ from kvjax.inputs import token_batch
 from kvjax.protocol import CachedDecoder
 from kvjax.run import pad_to_chunks, prefill
 from kvjax.select import gather, position_order
+from kvjax.sharding import mesh_context, on_model_mesh
 
 
 def _calibration_tokens(model: CachedDecoder, tokens) -> jax.Array:
@@ -44,12 +45,14 @@ def _calibration_tokens(model: CachedDecoder, tokens) -> jax.Array:
 
 
 def _prefilled(model: CachedDecoder, tokens, policy_for, chunk_size: int, impl: str):
-    """The cache after a chunked prefill of `tokens` with `policy_for(padded length)` (attention by `impl`)."""
+    """The cache after a chunked prefill of `tokens` with `policy_for(padded length)` (attention by `impl`),
+    on the model's mesh when its weights are sharded."""
     padded, valid = pad_to_chunks(tokens, jnp.ones(tokens.shape, bool), chunk_size)
-    policy = policy_for(padded.shape[1])
+    cache, padded, valid = on_model_mesh(model, model.cache_spec().init(policy_for(padded.shape[1]), tokens.shape[0]), padded, valid)
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda st, c: prefill(nnx.merge(graphdef, st), padded, valid, c, jax.random.key(0), chunk_size=chunk_size, impl=impl))
-    return run(state, model.cache_spec().init(policy, tokens.shape[0]))[1]
+    run = jax.jit(lambda st, c, x, m: prefill(nnx.merge(graphdef, st), x, m, c, jax.random.key(0), chunk_size=chunk_size, impl=impl))
+    with mesh_context(model):
+        return run(state, cache, padded, valid)[1]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from kvjax.inputs import prng_key, token_batch
 from kvjax.policies.base import Policy
 from kvjax.protocol import CachedDecoder
 from kvjax.run import pad_to_chunks, scan_chunks
-from kvjax.sharding import on_model_mesh
+from kvjax.sharding import mesh_context, on_model_mesh
 
 
 def stream_nll(
@@ -51,7 +51,9 @@ def stream_nll(
     targets, _ = pad_to_chunks(jnp.asarray(targets), valid[:, :t], chunk_size)
     cache, padded, valid, targets = on_model_mesh(model, cache, padded, valid, targets)
     graphdef, state = nnx.split(model)
-    nll, cache = _stream_nll(graphdef, state, padded, valid, targets, prng_key(key, needed=False, what=""), cache, chunk_size=chunk_size, impl=impl)
+    with mesh_context(model):
+        nll, cache = _stream_nll(graphdef, state, padded, valid, targets, prng_key(key, needed=False, what=""), cache,
+                                 chunk_size=chunk_size, impl=impl)
     nll = jnp.where(jnp.asarray(scored), nll[:, :t], jnp.nan)[:, : t - 1]
     return (nll, cache) if with_cache else nll
 

@@ -33,7 +33,7 @@ from kvjax.policies.base import Policy
 from kvjax.protocol import CachedDecoder
 from kvjax.run import forward_chunk, pad_to_chunks, prefill
 from kvjax.sampling import Sampler
-from kvjax.sharding import on_model_mesh
+from kvjax.sharding import mesh_context, on_model_mesh
 
 MIN_BUCKET = 128  # generated-token buffers are sized to the next power of two from here
 
@@ -140,10 +140,11 @@ def generate(
     req = _Request(model, prompt, policy=policy, cache=cache, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths,
                    prompt_mask=prompt_mask, sampler=sampler, stop_tokens=stop_tokens, key=key, chunk_size=chunk_size, pad_id=pad_id)
     graphdef, state = nnx.split(model)
-    out = _generate(
-        graphdef, state, req.tokens, req.valid, req.cache, req.key, jnp.int32(max_new_tokens),
-        sampler=sampler, stop_tokens=req.stop_tokens, steps=bucket(max_new_tokens), chunk_size=chunk_size, pad_id=pad_id, impl=impl,
-    )
+    with mesh_context(model):
+        out = _generate(
+            graphdef, state, req.tokens, req.valid, req.cache, req.key, jnp.int32(max_new_tokens),
+            sampler=sampler, stop_tokens=req.stop_tokens, steps=bucket(max_new_tokens), chunk_size=chunk_size, pad_id=pad_id, impl=impl,
+        )
     return out.replace(tokens=out.tokens[:, :max_new_tokens])
 
 
@@ -217,7 +218,8 @@ class Stream:
         graphdef, params = nnx.split(self.model)
         while self.produced < self.max_new_tokens and not bool(np.asarray(self.state.done).all()):
             n = min(self.settings["steps"], self.max_new_tokens - self.produced)
-            tokens, _, self.state = _decode_jit(graphdef, params, self.state, jnp.int32(n), **self.settings)
+            with mesh_context(self.model):
+                tokens, _, self.state = _decode_jit(graphdef, params, self.state, jnp.int32(n), **self.settings)
             self.produced += n
             yield np.asarray(tokens[:, :n])
 
@@ -270,6 +272,7 @@ def stream(
     req = _Request(model, prompt, policy=policy, cache=cache, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths,
                    prompt_mask=prompt_mask, sampler=sampler, stop_tokens=stop_tokens, key=key, chunk_size=chunk_size, pad_id=pad_id)
     graphdef, state = nnx.split(model)
-    start = _start_jit(graphdef, state, req.tokens, req.valid, req.cache, req.key, chunk_size=chunk_size, impl=impl)
+    with mesh_context(model):
+        start = _start_jit(graphdef, state, req.tokens, req.valid, req.cache, req.key, chunk_size=chunk_size, impl=impl)
     return Stream(model, start, max_new_tokens=max_new_tokens, block=block, sampler=sampler,
                   stop_tokens=req.stop_tokens, pad_id=pad_id, impl=impl)

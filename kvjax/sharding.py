@@ -150,6 +150,34 @@ def bytes_per_device(tree) -> dict:
     return held
 
 
+def mesh_context(model: nnx.Module):
+    """`jax.set_mesh` of the model's mesh (nothing for a model on one device): jitted programs traced
+    inside it run the Pallas kernels per shard (`per_shard`)."""
+    mesh = mesh_of(model)
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def per_shard(fn, arrays: dict, *, batch: int, heads: int):
+    """`fn(**arrays)` once per (data, model) shard under `jax.shard_map`, when the context mesh
+    (`mesh_context`) has those axes; else one call. XLA's partitioner cannot split a Pallas custom
+    call (it would gather every input onto each device), so the kernels run per shard explicitly.
+
+    The kernels' contract makes every shard independent: arrays of rank >= 3 (and the outputs)
+    are [batch, heads, ...], those of rank 2 are [batch, ...], and no result mixes rows or KV
+    heads. An axis the mesh does not divide (3 KV heads on a model axis of 2) stays whole on
+    every device of that mesh axis, which computes it redundantly, as the cache placement chose.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+    data = DATA if sizes.get(DATA, 1) > 1 and batch % sizes[DATA] == 0 else None
+    model = MODEL if sizes.get(MODEL, 1) > 1 and heads % sizes[MODEL] == 0 else None
+    if data is None and model is None:
+        return fn(**arrays)
+    head_major, rows = PartitionSpec(data, model), PartitionSpec(data)
+    specs = {k: None if x is None else head_major if x.ndim >= 3 else rows for k, x in arrays.items()}
+    return jax.shard_map(lambda a: fn(**a), mesh=mesh, in_specs=(specs,), out_specs=head_major, check_vma=False)(arrays)
+
+
 def on_model_mesh(model: nnx.Module, cache: KVCache, *tokens):
     """The cache and [batch, length] token arrays placed on the mesh of the model's weights (unchanged
     for a model on one device): what `generate` and `evaluate` do, so a sharded model is all a

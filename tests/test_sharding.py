@@ -6,6 +6,7 @@ Correctness and memory only: simulated devices share one CPU, so nothing here sa
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 
 import jax
@@ -84,10 +85,8 @@ def test_cache_bytes_per_device_are_total_over_shards():
     assert len(held) == 8 and set(held.values()) == {(cache.nbytes - seen) // 8 + seen // 2}
 
 
-@pytest.mark.parametrize("name", ["h2o", "snapkv", "streaming_llm", "kvmerger", "dmc"])
-def test_compiled_decode_step_gathers_no_cache_buffer(name):
-    """Policies stay local: in the partitioned decode step no all-gather returns a buffer with the slot
-    axis (96 slots, a size no other array has), so every (row, KV head) shard is updated where it lives."""
+def decode_step_hlo(name: str) -> str:
+    """The compiled (partitioned) decode step of the tiny model on 2 x 4, 4 rows, a cache of 96 slots."""
     mesh = sharding.make_mesh(2, 4)
     m = model(mesh)
     with warnings.catch_warnings():
@@ -97,10 +96,27 @@ def test_compiled_decode_step_gathers_no_cache_buffer(name):
     token = jax.device_put(jnp.ones((4, 1), jnp.int32), sharding.batch_spec(mesh, 4))
     step = jax.jit(lambda st, c, t: forward_chunk(nnx.merge(graphdef, st), t, t > 0, c, jax.random.key(0), prefill=False),
                    donate_argnums=1)
-    hlo = step.lower(state, cache, token).compile().as_text()
+    return step.lower(state, cache, token).compile().as_text()
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "streaming_llm", "kvmerger", "dmc", "tova"])
+def test_compiled_decode_step_gathers_no_cache_buffer(name):
+    """Policies stay local: in the partitioned decode step no all-gather returns a buffer with the slot
+    axis (96 slots, a size no other array has), so every (row, KV head) shard is updated where it lives."""
+    hlo = decode_step_hlo(name)
     gathered = re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather\(", hlo)
     assert "all-reduce" in hlo  # the program is partitioned (o_proj's heads are summed across `model`)
     assert not [g for g in gathered if "96" in g.split(",")], gathered
+
+
+def test_tova_shares_one_score_row_across_model():
+    """TOVA's score averages every query head of the layer, a reduction over the KV heads that `model`
+    splits: its only communication with the candidate axis (96 slots + 1 token) is one all-reduce of
+    [local rows, 97] floats, never a gathered mass or cache buffer."""
+    hlo = decode_step_hlo("tova")
+    moved = [(op, dims) for shapes, op in re.findall(r"= (.*?) (all-reduce|all-gather)\(", hlo)
+             for dims in re.findall(r"\[([\d,]*)\]", shapes) if {"96", "97"} & set(dims.split(","))]
+    assert moved == [("all-reduce", "2,97")], moved
 
 
 def test_a_mesh_larger_than_the_devices_names_the_flag():
@@ -113,3 +129,53 @@ def test_sharded_perplexity_equals_one_device():
     want = kvjax.evaluate.perplexity(model(), PROMPT, policy=policy("h2o"), chunk_size=8)
     got = kvjax.evaluate.perplexity(model(sharding.make_mesh(4, 2)), PROMPT, policy=policy("h2o"), chunk_size=8)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_pallas_attention_runs_once_per_shard():
+    """Under the model's mesh the Pallas kernels run inside `shard_map` on [batch/2, kv_heads/4] blocks
+    (XLA cannot split a kernel call) and give the single-device reference's output and mass."""
+    keys = iter(jax.random.split(jax.random.key(3), 8))
+    b, s, c, h, g, d = 4, 3, 16, 4, 2, 16
+    args = [jax.random.normal(next(keys), shape) for shape in [(b, s, h * g, d), (b, h, c, d), (b, h, c, d)]]
+    args.append(jax.random.bernoulli(next(keys), 0.7, (b, h, c)))
+    args += [jax.random.normal(next(keys), (b, s, h, d)) for _ in range(2)]
+    args.append(jnp.ones((b, s), bool))
+    weights = jax.random.uniform(next(keys), (b, s))
+    run = lambda impl: lambda *a: kvjax.attention(*a, scale=0.25, stat_weights=weights, impl=impl)  # noqa: E731
+    want = run("xla")(*args)
+    mesh = sharding.make_mesh(2, 4)
+    placed = [jax.device_put(x, jax.sharding.NamedSharding(mesh, sharding.spec_for(mesh, ("batch",), x.shape))) for x in args]
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(run("pallas"))(*placed))
+        got = jax.jit(run("pallas"))(*placed)
+    for x, y in zip(got, want):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["h2o", "dmc"])
+def test_sharded_pallas_generate_equals_one_device(name, monkeypatch):
+    """generate with impl="pallas" on 2 x 4: every kernel call sees one shard's block (4 of the 8 rows,
+    1 of the 4 KV heads), and the tokens are the single-device XLA tokens."""
+    module, blocks = sys.modules["kvjax.attention"], set()
+
+    def recording(q, *args, **kwargs):
+        blocks.add(q.shape[:2])
+        return kernel(q, *args, **kwargs)
+
+    kernel = module.cache_attention
+    monkeypatch.setattr(module, "cache_attention", recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = kvjax.generate(model(sharding.make_mesh(2, 4)), PROMPT, policy=policy(name), max_new_tokens=8, chunk_size=8,
+                             impl="pallas")
+    assert blocks == {(4, 1)}
+    np.testing.assert_array_equal(out.tokens, single_device_tokens(name))
+
+
+def test_sharded_calibration_keeps_the_cache_on_the_mesh():
+    """calibrate prefills on the model's mesh: the profile equals one device's and the cache stays sharded."""
+    mesh = sharding.make_mesh(2, 4)
+    want = kvjax.calibrate.merge_profile(model(), PROMPT, chunk_size=8)
+    assert kvjax.calibrate.merge_profile(model(mesh), PROMPT, chunk_size=8) == want
+    cache = kvjax.calibrate._prefilled(model(mesh), jnp.asarray(PROMPT), lambda n: kvjax.policies.make("full", capacity=n), 8, "auto")
+    assert tuple(cache.layers[0].k.sharding.spec)[:2] == ("data", "model")

@@ -4,6 +4,11 @@ Score: the attention the current (last) query gives each token, averaged over
 all query heads of the layer; not accumulated. All KV heads of a layer keep
 the same tokens. Keeps: the last token (window=1, as kvpress) plus the best.
 With a prefill chunk the chunk's last query scores (exact for chunk size 1).
+
+On a mesh whose `model` axis splits the KV heads, the mean over heads is the
+one policy step that crosses devices: XLA turns the sum over the KV-head axis
+into a single all-reduce of [rows, candidates] floats per layer (the mass,
+already summed within each KV group); no mass or cache buffer is gathered.
 """
 
 from __future__ import annotations
