@@ -12,10 +12,12 @@ import importlib.util
 import json
 import pathlib
 
+import jax
 import numpy as np
 
 from models import gguf_file, tokenizer, weights
 from kvjax.rope import Llama3Scaling
+from kvjax.sharding import model_shardings
 from models.llama import Llama, LlamaConfig
 
 NAMED = {
@@ -123,10 +125,12 @@ def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load(source: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Llama, tokenizer.Tokenizer | None]:
+def load(source: str | pathlib.Path, *, dtype: str = "float32", mesh=None) -> tuple[Llama, tokenizer.Tokenizer | None]:
     """(model, tokenizer) from a named default, a .gguf file or a Hugging Face folder.
 
     dtype: "float32" or "bfloat16" for the weights and activations.
+    mesh: a `kvjax.sharding.make_mesh` mesh; each weight is placed sharded by the rules as it
+    loads (each device receives only its shard), and generate/evaluate/calibrate then run SPMD.
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -135,14 +139,14 @@ def load(source: str | pathlib.Path, *, dtype: str = "float32") -> tuple[Llama, 
     path = named_path(source) if str(source) in NAMED else pathlib.Path(source)
     if path.suffix == ".gguf":
         cfg, tensors, reader = gguf_file.read(path, dtype)
-        return weights.build(cfg, tensors, source=str(path)), tokenizer.from_gguf(reader)
+        return weights.build(cfg, tensors, source=str(path), mesh=mesh), tokenizer.from_gguf(reader)
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{path}: no config.json (a Hugging Face model folder needs one)")
         config = json.loads(config_path.read_text())
         cfg = config_from_hf(config, dtype, path)
-        model = weights.build(cfg, read_safetensors(path), source=str(path))
+        model = weights.build(cfg, read_safetensors(path), source=str(path), mesh=mesh)
         tok_path = path / "tokenizer.json"
         tok = tokenizer.from_json(tok_path, config.get("bos_token_id"), config.get("eos_token_id")) if tok_path.is_file() else None
         return model, tok
@@ -167,8 +171,9 @@ def save(model: Llama, directory: str | pathlib.Path) -> pathlib.Path:
     return directory
 
 
-def restore(directory: str | pathlib.Path) -> Llama:
-    """A model saved by `save`, restored exactly (dtype included)."""
+def restore(directory: str | pathlib.Path, *, mesh=None) -> Llama:
+    """A model saved by `save`, restored exactly (dtype included), on one device or sharded over
+    `mesh` by `kvjax.sharding`'s rules, whatever mesh it was saved from (Orbax reshards)."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
@@ -179,6 +184,9 @@ def restore(directory: str | pathlib.Path) -> Llama:
     cfg = LlamaConfig(**json.loads(config_path.read_text()))
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
+    places = (model_shardings(abstract, mesh) if mesh is not None  # else the default device, whatever mesh saved it
+              else jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, places)
     target = nnx.to_pure_dict(state)
     try:
         with ocp.StandardCheckpointer() as ckpt:

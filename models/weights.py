@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from kvjax.sharding import model_shardings
 from models.llama import Llama, LlamaConfig
 
 
@@ -34,8 +37,10 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     return f"{prefix}.{leaf}", False
 
 
-def build(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], *, source: str) -> Llama:
-    """A `Llama` whose parameters are `tensors` (cast to `cfg.dtype`).
+def build(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], *, source: str, mesh: Mesh | None = None) -> Llama:
+    """A `Llama` whose parameters are `tensors` (cast to `cfg.dtype`), on one device or, with
+    `mesh`, sharded by `kvjax.sharding`'s rules as each tensor is placed: every device receives
+    only its shard from host memory, so no device ever holds a whole model.
 
     Raises ValueError naming `source` and the tensor when one is missing or has
     the wrong shape; tensors the model does not use are reported too.
@@ -43,9 +48,10 @@ def build(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], *, source: str) -
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
+    places = [None] * len(flat) if mesh is None else [v.get_value() for _, v in nnx.to_flat_state(model_shardings(abstract, mesh))]
     dtype = jnp.dtype(cfg.dtype)
     used, leaves = set(), []
-    for path, var in flat:
+    for (path, var), place in zip(flat, places):
         name, transposed = hf_name(path)
         if name not in tensors:
             raise ValueError(f"{source}: tensor {name!r} is missing (needed for {'.'.join(map(str, path))})")
@@ -55,7 +61,8 @@ def build(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray], *, source: str) -
         if array.shape != want:
             raise ValueError(f"{source}: tensor {name!r} has shape {array.shape}, the config needs {want}")
         used.add(name)
-        leaves.append(var.replace(jnp.asarray(array.T if transposed else array, dtype)))
+        array = (array.T if transposed else array).astype(dtype)
+        leaves.append(var.replace(jnp.asarray(array) if place is None else jax.device_put(array, place)))
     unused = sorted(set(tensors) - used - {"lm_head.weight"} if cfg.tie_embeddings else set(tensors) - used)
     if unused:
         raise ValueError(f"{source}: tensors not used by this architecture: {unused[:5]}{' ...' if len(unused) > 5 else ''}")

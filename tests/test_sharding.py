@@ -5,6 +5,8 @@ Correctness and memory only: simulated devices share one CPU, so nothing here sa
 
 from __future__ import annotations
 
+import functools
+import pathlib
 import re
 import sys
 import warnings
@@ -16,8 +18,12 @@ import pytest
 from flax import nnx
 
 import kvjax
-from kvjax import sharding
+import models
+from experiments.texts import essay
+from kvjax import retrofit, sharding
+from kvjax.data import PackedBatches, byte_tokens
 from kvjax.run import forward_chunk
+from kvjax.train import TrainConfig, train
 from models import Llama, LlamaConfig
 
 CFG = LlamaConfig.tiny(num_heads=8, num_kv_heads=4, num_layers=1)  # heads that divide over model axes of 1, 2 and 4
@@ -179,3 +185,89 @@ def test_sharded_calibration_keeps_the_cache_on_the_mesh():
     assert kvjax.calibrate.merge_profile(model(mesh), PROMPT, chunk_size=8) == want
     cache = kvjax.calibrate._prefilled(model(mesh), jnp.asarray(PROMPT), lambda n: kvjax.policies.make("full", capacity=n), 8, "auto")
     assert tuple(cache.layers[0].k.sharding.spec)[:2] == ("data", "model")
+
+
+HF_LLAMA = pathlib.Path(__file__).parent / "fixtures" / "hf" / "llama"  # 4 query heads, 2 KV heads, vocab 128
+
+
+def test_load_places_each_weight_sharded_as_the_rules_say(tmp_path):
+    """models.load(mesh=) on 4 x 2: each weight arrives with its rule's sharding (each device holds only
+    its shard), the text's perplexity is one device's, and models.restore reshards 1 -> 8 -> 1 exactly."""
+    mesh = sharding.make_mesh(4, 2)
+    one, _ = models.load(HF_LLAMA)
+    eight, _ = models.load(HF_LLAMA, mesh=mesh)
+    placed = lambda m: [x.sharding for x in jax.tree.leaves(nnx.state(m))]  # noqa: E731
+    assert placed(eight) == jax.tree.leaves(sharding.model_shardings(eight, mesh))
+    q = eight.layers[0].self_attn.q_proj.kernel[...]
+    assert q.shape == (32, 32) and {s.data.shape for s in q.addressable_shards} == {(32, 16)}
+    text = PROMPT[:4, :16] % 128
+    full = kvjax.policies.make("full", capacity=16)
+    np.testing.assert_allclose(kvjax.evaluate.perplexity(eight, text, policy=full), kvjax.evaluate.perplexity(one, text, policy=full),
+                               rtol=1e-5)
+    restored = models.restore(models.save(one, tmp_path / "one"), mesh=mesh)
+    assert placed(restored) == placed(eight)
+    back = models.restore(models.save(restored, tmp_path / "eight"))
+    for a, b, c in zip(*(jax.tree.leaves(nnx.state(m)) for m in (one, restored, back))):
+        np.testing.assert_array_equal(b, a)
+        np.testing.assert_array_equal(c, a)
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(nnx.state(back)))
+
+
+TEXT = "The cache has a fixed number of slots however long the context grows. " * 20
+
+
+def training_run(mesh, steps: int, *, loss=None, workdir=None, stop_at: int | None = None):
+    """`steps` steps of training the tiny model (batch 8; the DMC retrofit loss unless `loss` is given),
+    on `mesh` or one device; with `stop_at`, the run crashes when it reaches that step (after its checkpoints)."""
+    source = PackedBatches(byte_tokens(TEXT), seq_len=16, batch_size=8)
+
+    def batches(step):
+        if step == stop_at:
+            raise RuntimeError("stopped")
+        return source(step)
+
+    m = model(mesh)
+    config = TrainConfig(steps=steps, learning_rate=1e-3, checkpoint_every=2)
+    log = train(m, loss or retrofit.dmc_loss(cr=2.0, ramp_steps=steps), batches, config, workdir=workdir, progress=False)
+    return m, [r["loss"] for r in log]
+
+
+def test_sharded_training_equals_one_device():
+    """Five DMC retrofit steps, data parallel on 8 x 1 and with the weights over `model` on 4 x 2:
+    the single device's losses (rtol 1e-5)."""
+    _, want = training_run(None, 5)
+    for shape in [(8, 1), (4, 2)]:
+        m, got = training_run(sharding.make_mesh(*shape), 5)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        assert tuple(m.layers[0].mlp.up_proj.kernel[...].sharding.spec) == (None, "model" if shape[1] > 1 else None)
+
+
+def test_training_checkpoints_move_between_meshes(tmp_path):
+    """A run on 8 devices stops after its step-2 checkpoint; it resumes on one device (its step-3 loss
+    is the uninterrupted run's) and checkpoints step 4; that checkpoint restores onto 8 devices exactly.
+    (Next-token loss: what moves is the parameters and optimiser state, whatever the loss.)"""
+    run = functools.partial(training_run, steps=4, loss=retrofit.language_model_loss())
+    _, want = run(None)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(sharding.make_mesh(8, 1), workdir=tmp_path, stop_at=2)
+    one, resumed = run(None, workdir=tmp_path)
+    np.testing.assert_allclose(resumed, want[2:], rtol=1e-5)
+    eight, nothing_left = run(sharding.make_mesh(8, 1), workdir=tmp_path)
+    assert nothing_left == []
+    for a, b in zip(jax.tree.leaves(nnx.state(one)), jax.tree.leaves(nnx.state(eight))):
+        np.testing.assert_array_equal(b, a)
+        assert len(b.sharding.device_set) == 8
+
+
+@pytest.mark.slow
+def test_smollm2_on_a_2x1_mesh_gives_the_one_device_tokens():
+    """SmolLM2-135M, two rows over `data` (2 x 1): greedy h2o generation with a cache smaller than the
+    sequence gives one device's tokens."""
+    m, tokenizer = models.load("smollm2-135m")
+    ids = tokenizer.encode(essay("worked"))
+    prompt = np.asarray([ids[:64], ids[64:128]])
+    h2o = kvjax.policies.make("h2o", capacity=48, window=4)
+    want = kvjax.generate(m, prompt, policy=h2o, max_new_tokens=8, chunk_size=32).tokens
+    got = kvjax.generate(sharding.shard_model(m, sharding.make_mesh(2, 1)), prompt, policy=h2o, max_new_tokens=8, chunk_size=32)
+    assert tuple(got.cache.layers[0].k.sharding.spec)[:1] == ("data",)
+    np.testing.assert_array_equal(got.tokens, want)
