@@ -33,9 +33,9 @@ from models import Llama, LlamaConfig
 BENCH_MODEL = LlamaConfig.tiny(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64)
 
 
-def filled_cache(model: Llama, policy: kvjax.Policy, seen: int, key) -> kvjax.KVCache:
-    """The cache after `seen` tokens: each layer holds the last tokens it has room for."""
-    cache = model.cache_spec().init(policy, batch=1)
+def filled_cache(model: Llama, policy: kvjax.Policy, seen: int, key, batch: int = 1) -> kvjax.KVCache:
+    """The cache after `seen` tokens in each of `batch` rows: each layer holds the last tokens it has room for."""
+    cache = model.cache_spec().init(policy, batch=batch)
 
     def fill(lc: kvjax.cache.LayerCache, key) -> kvjax.cache.LayerCache:
         n = min(seen, lc.slots)
@@ -49,12 +49,12 @@ def filled_cache(model: Llama, policy: kvjax.Policy, seen: int, key) -> kvjax.KV
         )
 
     keys = jax.random.split(key, cache.num_layers)
-    return cache.replace(layers=tuple(fill(lc, k) for lc, k in zip(cache.layers, keys)), seen=jnp.full((1,), seen, jnp.int32))
+    return cache.replace(layers=tuple(fill(lc, k) for lc, k in zip(cache.layers, keys)), seen=jnp.full((batch,), seen, jnp.int32))
 
 
-def decode_stepper(model: Llama, policy: kvjax.Policy, seen: int):
+def decode_stepper(model: Llama, policy: kvjax.Policy, seen: int, batch: int = 1):
     """A closure running one jitted decode step (model + attention + policy
-    update, cache donated) on the state `seen` tokens leave behind."""
+    update, cache donated) on the state `seen` tokens leave behind in `batch` rows."""
     graphdef, state = nnx.split(model)
 
     @functools.partial(jax.jit, donate_argnums=1)
@@ -63,7 +63,7 @@ def decode_stepper(model: Llama, policy: kvjax.Policy, seen: int):
         hidden, cache = forward_chunk(m, token, jnp.ones_like(token, bool), cache, key, prefill=False)
         return jnp.argmax(m.logits(hidden[:, 0]), -1)[:, None].astype(jnp.int32), cache
 
-    carry = dict(cache=filled_cache(model, policy, seen, jax.random.key(seen)), token=jnp.ones((1, 1), jnp.int32))
+    carry = dict(cache=filled_cache(model, policy, seen, jax.random.key(seen), batch), token=jnp.ones((batch, 1), jnp.int32))
     key = jax.random.key(0)
 
     def run() -> float:
