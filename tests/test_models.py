@@ -17,7 +17,7 @@ from kvjax.evaluate import perplexity
 from models import load
 from tests.helpers import decision_dimension_zeroed
 from tests.test_generate import all_logits
-from tests.test_policies import POLICIES, make_policy
+from tests.test_policies import make_policy
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 
@@ -55,9 +55,15 @@ def test_smollm2_golden_perplexity_and_tokenizer(smollm2):
     assert abs(ppl - 25.84) < 0.05, ppl
 
 
+# The seed methods and the baselines they are compared with. The other policies (window, value_norm,
+# random, bct) share these code paths and pass the same property on the tiny models
+# (tests/test_generate.py), so the real model is spent where it matters.
+SMOLLM2_POLICIES = ["full", "streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "kvmerger", "pod", "dmc"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", POLICIES)
-def test_every_policy_generates_on_smollm2(smollm2, name):
+@pytest.mark.parametrize("name", SMOLLM2_POLICIES)
+def test_policies_generate_on_smollm2(smollm2, name):
     """A 320-token real prompt (three prefill chunks, the last one partial) + 24 new tokens in one
     jit; with room for everything each policy generates exactly the full cache's tokens."""
     model, tokenizer = smollm2
