@@ -20,6 +20,8 @@ test:  ## install and run the whole test suite
 	$(PY) -m pytest -q -n auto --dist worksteal; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
-bench:  ## decode-step time and cache bytes versus tokens seen
-	$(PIP) -e .
-	$(PY) -m experiments.bench_decode
+bench:  ## decode steps against the bandwidth bound: SmolLM2 (every policy, 1k/4k/16k, batch 1 and 8), then 16k/64k slots
+	$(PIP) -e ".[real]"
+	$(DATA)
+	$(PY) -m experiments.bench_decode --model smollm2-135m --contexts 1024 4096 16384 --batches 1 8 --out results/bench_decode_smollm2.json
+	$(PY) -m experiments.bench_decode --model bench --contexts 16384 65536 --policies full ring_write window h2o --capacity 1024

@@ -1,18 +1,27 @@
-"""Decode-step time and cache bytes versus tokens already seen.
+"""Decode-step time against the memory-bandwidth bound, the policy's share of a step, and compressed vs full.
 
-For `full` (cache grows with the context) and fixed-capacity policies, build
-the decode state a long context leaves behind (a cache holding `seen` tokens,
-or `capacity` of them, filled with random keys/values and scores) and time
-single jitted decode steps with the cache donated. Everything is measured in
-the same run, and each fixed-capacity row is reported as a ratio to its own
-1k-token time (flatness) and to `full` at the same context (speed-up).
+A decode step must read every weight and every cache buffer once, so its
+floor is (weight bytes + cache bytes) / read bandwidth, with the bandwidth
+measured in the same run (the faster of a jitted and a NumPy sum over 256 MiB).
+For each model, context and batch, the cache a `context`-token prompt leaves
+behind is built directly (random keys and values in the slots the policy
+keeps; a step's cost depends on the slots it reads, not on how they were
+filled) and single jitted steps are timed with the cache donated, all
+configurations of a group round-robin so that drift hits all alike. Reported:
 
-    python -m experiments.bench_decode [--contexts 1024 4096 16384 65536] [--out results/bench_decode.json]
+- `% bw`: the bandwidth bound over the measured step time;
+- `policy %`: the share of the step that goes beyond `RingWrite` at the same
+  capacity (attention over the slots, then a write at slot `seen % capacity`,
+  no scores and no ranking): the cost of the policy's bookkeeping;
+- `full / this`: how much faster than the full cache at the same context.
+
+    python -m experiments.bench_decode [--model bench|smollm2-135m] [--contexts 1024 4096] [--batches 1 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import platform
 import random
@@ -21,16 +30,67 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from experiments.results import write_json
-
 import kvjax
+import models
+from experiments.results import write_json
+from kvjax import select
+from kvjax.policies.scorer import ScorerPolicy, at_original_positions
 from kvjax.run import forward_chunk
 from models import Llama, LlamaConfig
 
 BENCH_MODEL = LlamaConfig.tiny(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64)
+POLICIES = ["full", "ring_write", "window", "streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm",
+            "kvmerger", "bct", "pod", "dmc"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RingWrite(ScorerPolicy):
+    """The floor a policy's bookkeeping is measured against (decode only, never a real policy):
+    attention over the slots and the token, then the token written at slot `seen % capacity`."""
+
+    name = "ring_write"
+
+    def update(self, cache, layer, q, k, v, step, attn, rotate=at_original_positions):
+        lc = cache.layers[layer]
+        q, k_rot, k_store, k_cached = rotate(attn, lc, q, k, step)
+        out, _ = attn(q, k_cached, lc.v, lc.valid, k_rot, v, step)
+        target = select.after(jnp.broadcast_to((step.seen % lc.slots)[:, None], lc.valid.shape[:2]), out, lc.slots)
+        written = lc.replace(
+            k=select.write_slot(lc.k, target, k_store[:, 0]), v=select.write_slot(lc.v, target, v[:, 0]),
+            pos=select.write_slot(lc.pos, target, jnp.broadcast_to(step.positions[:, :1], target.shape)),
+            valid=select.write_slot(lc.valid, target, jnp.broadcast_to(step.new_valid[:, :1], target.shape)),
+        )
+        return out, cache.replace_layer(layer, written)
+
+
+def make_policy(name: str, capacity: int) -> kvjax.Policy:
+    return RingWrite(capacity=capacity) if name == "ring_write" else kvjax.policies.make(name, capacity=capacity)
+
+
+def read_bandwidth(nbytes: int = 2**28, repeats: int = 10) -> float:
+    """Bytes/s of the faster of a jitted and a NumPy sum over `nbytes` of f32 (the best read rate seen)."""
+    x = np.random.default_rng(0).standard_normal(nbytes // 4, np.float32)
+    xj = jnp.asarray(x)
+    jsum = jax.jit(jnp.sum)
+    jsum(xj).block_until_ready()
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return nbytes / min(best(lambda: jsum(xj)), best(lambda: x.sum()))
+
+
+def weight_bytes(model) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def filled_cache(model: Llama, policy: kvjax.Policy, seen: int, key, batch: int = 1) -> kvjax.KVCache:
@@ -77,47 +137,75 @@ def decode_stepper(model: Llama, policy: kvjax.Policy, seen: int, batch: int = 1
     return run
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    parser.add_argument("--capacity", type=int, default=1024)
-    parser.add_argument("--policies", nargs="+", default=["full", "window", "h2o"])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", default="results/bench_decode.json")
-    args = parser.parse_args(argv)
+def load_model(source: str):
+    return Llama(BENCH_MODEL, rngs=nnx.Rngs(0)) if source == "bench" else models.load(source)[0]
 
-    model = Llama(BENCH_MODEL, rngs=nnx.Rngs(0))
-    rows, runners = [], []
-    jobs = [(name, seen) for name in args.policies for seen in args.contexts]
-    for name, seen in tqdm(jobs, desc="compile", unit="config"):
-        capacity = seen + args.steps + 8 if name == "full" else args.capacity
-        policy = kvjax.policies.make(name, capacity=capacity)
-        rows.append(dict(policy=name, seen=seen, capacity=capacity, cache_bytes=model.cache_spec().init(policy, 1).nbytes))
-        runners.append(decode_stepper(model, policy, seen))
-    # Rounds over all configurations in a fresh random order each, so drift in
-    # machine load and the memory traffic of a large neighbour hit all alike;
-    # each is timed on its second step so the previous one's cache misses don't count.
+
+def time_round_robin(runners, steps: int) -> list[float]:
+    """Median seconds per step of each runner, over `steps` rounds in a fresh random order each; each
+    is timed on its second step, so the previous runner's cache misses don't count."""
     times = [[] for _ in runners]
     order = random.Random(0)
-    for _ in tqdm(range(args.steps), desc="decode steps", unit="round"):
+    for _ in tqdm(range(steps), desc="decode steps", unit="round", leave=False):
         for i in order.sample(range(len(runners)), len(runners)):
             runners[i]()
             times[i].append(runners[i]())
-    for r, t in zip(rows, times):
-        r["step_ms"] = 1e3 * statistics.median(t)
+    return [statistics.median(t) for t in times]
 
-    base = {r["policy"]: r["step_ms"] for r in rows if r["seen"] == args.contexts[0]}
-    full = {r["seen"]: r["step_ms"] for r in rows if r["policy"] == "full"}
-    for r in rows:
-        r["vs_first_context"] = r["step_ms"] / base[r["policy"]]
-        r["speedup_vs_full"] = full[r["seen"]] / r["step_ms"] if r["seen"] in full else None
 
-    header = f"{'policy':<8} {'seen':>7} {'slots':>7} {'cache MiB':>10} {'step ms':>8} {'/ 1k':>6} {'full / this':>11}"
-    print(header)
+def bench_group(model, policies, seen: int, batch: int, capacity: int, steps: int, bandwidth: float) -> list[dict]:
+    """Every policy at one (context, batch): step time, bandwidth fraction, policy share, speed-up over full."""
+    rows, runners = [], []
+    for name in tqdm(policies, desc=f"compile {seen} tokens x {batch}", unit="policy", leave=False):
+        policy = make_policy(name, seen + steps + 8 if name == "full" else capacity)
+        cache_bytes = jax.eval_shape(lambda: model.cache_spec().init(policy, batch)).nbytes
+        rows.append(dict(policy=name, seen=seen, batch=batch, capacity=policy.capacity, cache_bytes=cache_bytes))
+        runners.append(decode_stepper(model, policy, seen, batch))
+    weights = weight_bytes(model)
+    for r, seconds in zip(rows, time_round_robin(runners, steps)):
+        r.update(step_ms=1e3 * seconds, bandwidth_fraction=(weights + r["cache_bytes"]) / bandwidth / seconds)
+    by_name = {r["policy"]: r for r in rows}
     for r in rows:
-        speedup = f"{r['speedup_vs_full']:.2f}" if r["speedup_vs_full"] else "-"
-        print(f"{r['policy']:<8} {r['seen']:>7} {r['capacity']:>7} {r['cache_bytes'] / 2**20:>10.2f} {r['step_ms']:>8.3f} {r['vs_first_context']:>6.2f} {speedup:>11}")
-    meta = dict(model=BENCH_MODEL.__dict__, device=str(jax.devices()[0]), machine=platform.machine(), jax=jax.__version__, steps=args.steps)
+        ring, full = by_name.get("ring_write"), by_name.get("full")
+        if ring and r["policy"] not in ("full", "ring_write"):
+            r["policy_share"] = 1 - ring["step_ms"] / r["step_ms"]
+        if full:
+            r["speedup_vs_full"] = full["step_ms"] / r["step_ms"]
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bench", help="'bench' (a 4-layer model, random weights) or a models.load source")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="slots of the compressed policies (default: a quarter of the context, at most 1024)")
+    parser.add_argument("--policies", nargs="+", default=POLICIES)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default="results/bench_decode.json")
+    args = parser.parse_args(argv)
+
+    model = load_model(args.model)
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weight_bytes(model) / 2**20:.1f} MiB")
+    rows = []
+    for seen in args.contexts:
+        for batch in args.batches:
+            capacity = args.capacity or min(seen // 4, 1024)
+            rows += bench_group(model, args.policies, seen, batch, capacity, args.steps, bandwidth)
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    print(f"{'policy':<14} {'seen':>6} {'batch':>5} {'slots':>6} {'cache MiB':>9} {'step ms':>8} {'% bw':>5} {'policy %':>8} {'full/this':>9}")
+    for r in rows:
+        share = r.get("policy_share")
+        print(f"{r['policy']:<14} {r['seen']:>6} {r['batch']:>5} {r['capacity']:>6} {r['cache_bytes'] / 2**20:>9.1f} {r['step_ms']:>8.2f} "
+              f"{100 * r['bandwidth_fraction']:>5.0f} {fmt(None if share is None else 100 * share, '>8.0f')} "
+              f"{fmt(r.get('speedup_vs_full'), '>9.2f')}")
+    meta = dict(model=args.model, device=str(jax.devices()[0]), machine=platform.machine(), jax=jax.__version__,
+                steps=args.steps, read_bandwidth=bandwidth, weight_bytes=weight_bytes(model))
     write_json(args.out, dict(meta=meta, rows=rows))
     return rows
 

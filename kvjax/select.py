@@ -7,13 +7,16 @@ and among equal ranks the oldest token. Two paths give the same kept set:
   together and gather the best `slots` of them into a fresh layer.
 - `evict_index` + `write_slot` (one new token): evict the single lowest
   candidate and write the new token over it with an in-place scatter, so a
-  decode step touches one slot instead of rewriting the cache.
+  decode step touches one slot instead of rewriting the cache. The write's
+  slot index goes through `after(index, out, ...)` so that XLA can write in
+  place at all (see there).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from kvjax.cache import EMPTY_POS, LayerCache
@@ -65,7 +68,7 @@ def keep_best(lc: LayerCache, cand, score: Float[Array, "B H N"], rank_: Float[A
     c = lc.slots
     if cand.k_new.shape[2] == 1:
         drop = evict_index(rank_, cand.pos)
-        target = jnp.where((drop < c) & step.new_valid, drop, c)  # c = out of range: no write
+        target = after(jnp.where((drop < c) & step.new_valid, drop, c), cand.attended, c)  # c = out of range: no write
         return LayerCache(
             k=write_slot(lc.k, target, cand.k_new[:, :, 0]),
             v=write_slot(lc.v, target, cand.v_new[:, :, 0]),
@@ -92,3 +95,20 @@ def write_slot(x: Array, target: Int[Array, "B H"], value: Array) -> Array:
     """x[b, h, target[b, h]] = value[b, h]; an out-of-range target writes nothing."""
     b, h = target.shape
     return x.at[jnp.arange(b)[:, None], jnp.arange(h)[None, :], target].set(value, mode="drop")
+
+
+def after(index: Int[Array, "*I"], out: Array, limit: int) -> Int[Array, "*I"]:
+    """Slot indices `index` (each <= `limit`), unchanged, but computed from the attention output `out`.
+
+    A donated slot buffer is written in place only if XLA can order the write
+    after every read of the buffer. Attention reads the slots before `out`
+    exists, but a write whose index does not depend on `out` (a ring position,
+    an eviction decided by stored scores, every value write) is not ordered
+    after it, and XLA's copy insertion then copies the whole K and V buffers,
+    twice, in every decode step (measured on XLA CPU, JAX 0.10.2; an
+    `optimization_barrier` does not help, the CPU compiler drops it first).
+    `min(index, max(limit, u))` equals `index` for any u, and XLA cannot fold
+    it away, so the dependency costs one reduction over `out`.
+    """
+    u = lax.shift_right_logical(lax.bitcast_convert_type(out.astype(jnp.float32).sum(), jnp.int32), 1)  # >= 0
+    return jnp.minimum(index, jnp.maximum(limit, u))

@@ -3,7 +3,10 @@
 This is also kvjax's XLA path (`impl="xla"`), the CPU path: one source of
 truth that the kernels are tested against. Keys are read once: logits over the
 cache and over the chunk are computed separately and joined in one softmax, so
-the cache is never copied into a concatenated buffer.
+the cache is never copied into a concatenated buffer. Both products over the
+cache are written slot-major ([slots, rows], transposed after; the logits are
+small beside the keys): XLA CPU runs them about 1.5x faster that way than
+row-major at 16k slots and 4 rows per KV head (measured, JAX 0.10.2).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def cache_attention_reference(
     s_len, c = k_new.shape[2], k_cache.shape[2]
     token = jnp.arange(rows) // group
     logits = jnp.concatenate(
-        [jnp.einsum("bhrd,bhcd->bhrc", q, k_cache, preferred_element_type=F32),
+        [jnp.einsum("bhcd,bhrd->bhcr", k_cache, q, preferred_element_type=F32).swapaxes(-1, -2),
          jnp.einsum("bhrd,bhtd->bhrt", q, k_new, preferred_element_type=F32)], axis=-1) * scale
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
@@ -61,7 +64,7 @@ def cache_attention_reference(
     den = p.sum(-1, keepdims=True)
     p = p / jnp.where(den > 0, den, 1.0)
     lse = jnp.where(den > 0, jnp.log(jnp.where(den > 0, den, 1.0)) + m, -jnp.inf)[..., 0]
-    out = jnp.einsum("bhrc,bhcd->bhrd", p[..., :c].astype(v_cache.dtype), v_cache, preferred_element_type=F32)
+    out = jnp.einsum("bhcr,bhcd->bhrd", p[..., :c].swapaxes(-1, -2).astype(v_cache.dtype), v_cache, preferred_element_type=F32)
     out += jnp.einsum("bhrt,bhtd->bhrd", p[..., c:].astype(v_new.dtype), v_new, preferred_element_type=F32)
     mass = None
     if stat_weights is not None:

@@ -128,6 +128,28 @@ def test_cache_buffers_are_donated(model):
     assert all(x.is_deleted() for x in jax.tree.leaves(cache))
 
 
+# BCT and KVMerger's merging layers rebuild the layer from all candidates (a merge may move every
+# slot), and POD attends over its slots and its ring concatenated: those copy the slots by design.
+IN_PLACE = ["full", "window", "streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "dmc"]
+
+
+@pytest.mark.parametrize("name", IN_PLACE)
+def test_compiled_decode_step_writes_the_cache_in_place(model, name):
+    """With the cache donated, the compiled decode step copies no K/V buffer (an HLO `copy` of the
+    [1, kv_heads, 96, head_dim] shape would be one) and its outputs alias at least every K and V
+    buffer: a step writes its slot where the cache lives, whatever decides the slot."""
+    cache = model.cache_spec().init(make_policy(name, 96), 1)
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda st, c, t: forward_chunk(nnx.merge(graphdef, st), t, t > 0, c, jax.random.key(0), prefill=False),
+                   donate_argnums=1)
+    compiled = step.lower(state, cache, jnp.ones((1, 1), jnp.int32)).compile()
+    kv_shape = "[" + ",".join(map(str, cache.layers[0].k.shape)) + "]"
+    copies = [line for line in compiled.as_text().splitlines() if " copy(" in line and kv_shape in line.split(" copy(")[0]]
+    assert not copies, copies[:2]
+    kv_bytes = sum(lc.k.nbytes + lc.v.nbytes for lc in cache.layers)
+    assert compiled.memory_analysis().alias_size_in_bytes >= kv_bytes
+
+
 @pytest.mark.parametrize("name", ["h2o", "kvmerger", "pod", "dmc"])
 def test_decode_steps_trace_once(model, name):
     """A jitted decode step is traced once while its cache fills up and starts evicting."""

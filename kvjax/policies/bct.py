@@ -11,6 +11,9 @@ a merge is the count-weighted mean of keys and of values, so a slot holds the
 mean of its members; its position becomes the newest member's. Keys are merged
 after RoPE (at their original positions), an approximation. Tokens of a chunk
 are inserted one at a time (`lax.scan`), so prefill and decode follow the same rule.
+Cost: a decode step builds the layer anew from the slots and the token (the
+merging tier's candidates), a copy of the layer's K/V that eviction policies,
+writing one slot in place, do not pay.
 """
 
 from __future__ import annotations

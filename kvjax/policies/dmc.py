@@ -158,7 +158,7 @@ class DMC(Policy):
             one = step.replace(positions=pos_t[:, None], new_valid=valid_t[:, None])
             q_rot = attn.rope(q_t, jnp.broadcast_to(pos_t[:, None], q_t.shape[:2]))[:, None]
             out, _ = attn(q_rot, lc.k, lc.v, others, k_slot[:, None], v_slot[:, None], one, cache_pos=lc.pos)
-            target = jnp.where(valid_t[:, None], index, c)  # c = out of range: padding writes nothing
+            target = select.after(jnp.where(valid_t[:, None], index, c), out, c)  # c = out of range: padding writes nothing
             lc = LayerCache(
                 k=select.write_slot(lc.k, target, k_slot),
                 v=select.write_slot(lc.v, target, v_slot),

@@ -22,6 +22,8 @@ When protected tokens leave too few eligible pairs, the lowest-scoring sets are
 evicted. Excluded layers (default the first two and the last, as the paper's
 Sec. 4.1 setup) never merge: they evict by accumulated attention (H2O) at the
 same capacity. Negative layer indices count from the model's last layer.
+Cost: a merging layer rebuilds its slots from all candidates at every step (a
+copy of the layer's K/V); excluded layers write one slot in place.
 """
 
 from __future__ import annotations

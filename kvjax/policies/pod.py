@@ -29,6 +29,8 @@ Deviations, named: the paper keeps every distant token; with a predefined
 capacity the ring must drop some. Non-owner layers run after their owner, so
 in the step the owner drops a token they no longer see it either (one step
 early). `train_attention` is the full-sequence path for post-training.
+Cost: attention reads the slots and the ring joined into one buffer, a copy of
+both per step that a kernel reading the two in place would avoid.
 """
 
 from __future__ import annotations
@@ -224,7 +226,7 @@ class POD(ScorerPolicy):
         if mass is not None:  # mass over (slots, ring, chunk): the ring's goes first, for the ring's vote
             ring_mass = jnp.concatenate([mass[..., c : c + r], mass[..., :c], mass[..., c + r :]], -1)
             mass = jnp.concatenate([mass[..., :c], mass[..., c + r :]], -1)
-        cand = Candidates.of(lc, k_rot, v, step, mass, group=q.shape[2] // lc.k.shape[1])
+        cand = Candidates.of(lc, k_rot, v, step, mass, group=q.shape[2] // lc.k.shape[1], attended=out)
         protected = self.protected(cand.pos, cand.valid, step)
         every = cand.fields(cand.score)
         ring = self.ring.update(self, cache.state, layer, every["k"], every["v"], cand.pos, cand.valid & ~protected, ring_mass, step)

@@ -49,9 +49,10 @@ class Candidates(NamedTuple):
     k_new: Float[Array, "B H S D"]
     v_new: Float[Array, "B H S D"]
     group: int
+    attended: Float[Array, "B S Hq D"]
 
     @classmethod
-    def of(cls, lc: LayerCache, k_new, v_new, step: Step, mass, group: int) -> Candidates:
+    def of(cls, lc: LayerCache, k_new, v_new, step: Step, mass, group: int, attended) -> Candidates:
         """Candidates of `lc` and a chunk given as [B, S, H, D] keys (as stored) and values."""
         b, s, h, _ = k_new.shape
         return cls(
@@ -61,7 +62,7 @@ class Candidates(NamedTuple):
             valid=jnp.concatenate([lc.valid, jnp.broadcast_to(step.new_valid[:, None, :], (b, h, s))], -1),
             k_cache=lc.k, v_cache=lc.v,
             k_new=k_new.transpose(0, 2, 1, 3), v_new=v_new.transpose(0, 2, 1, 3),
-            group=group,
+            group=group, attended=attended,
         )
 
     @property
@@ -168,7 +169,7 @@ class ScorerPolicy(Policy):
         lc = cache.layers[layer]
         q, k_rot, k_store, k_cached = rotate(attn, lc, q, k, step)
         out, mass = attn(q, k_cached, lc.v, lc.valid, k_rot, v, step, stat_weights=self.stat_weights(step), cache_pos=lc.pos)
-        cand = Candidates.of(lc, k_store, v, step, mass, group=q.shape[2] // lc.k.shape[1])
+        cand = Candidates.of(lc, k_store, v, step, mass, group=q.shape[2] // lc.k.shape[1], attended=out)
         score = self.score(cand, step, layer).astype(jnp.float32)
         rank = select.rank(score, cand.valid, self.protected(cand.pos, cand.valid, step))
         return out, cache.replace_layer(layer, self.keep(lc, cand, score, rank, step))
