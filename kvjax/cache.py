@@ -13,6 +13,7 @@ layer its own capacity (PyramidKV) and really save the memory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -99,6 +100,36 @@ class KVCache:
 
     def replace_state(self, index: int, state) -> "KVCache":
         return self.replace(state=self.state[:index] + (state,) + self.state[index + 1 :])
+
+    def with_room(self, extra: int) -> "KVCache":
+        """This cache with `extra` empty slots more in every layer and its policies' capacities raised
+        to match, so the next `extra` tokens are appended without evicting anything.
+
+        kvpress's protocol (compress a context once, then append the question and the answer
+        uncompressed) is a prefill, then `with_room(question + answer)`. A policy that keeps
+        state sized by its capacity (POD's distant ring, DMC's accumulators) cannot grow: the
+        error says so. The new arrays are a copy (the cache changes shape), made once per call.
+        """
+        if not isinstance(extra, int) or extra < 0:
+            raise ValueError(f"with_room: extra must be an int >= 0, got {extra!r}")
+        fixed = sorted({p.name for p, st in zip(self.policies, self.state) if st is not None})
+        if fixed:
+            raise ValueError(f"with_room: {', '.join(fixed)} keeps state sized by its capacity and cannot grow; "
+                             "run it under the streaming protocol (the whole prompt through the fixed-capacity cache)")
+
+        def pad(x, fill):
+            return jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
+
+        layers = tuple(LayerCache(k=pad(lc.k, 0), v=pad(lc.v, 0), pos=pad(lc.pos, EMPTY_POS), valid=pad(lc.valid, False),
+                                  score=pad(lc.score, 0)) for lc in self.layers)
+        return self.replace(layers=layers, policies=tuple(_with_capacity(p, p.capacity + extra) for p in self.policies))
+
+
+def _with_capacity(policy, capacity: int):
+    """The policy with another capacity (a wrapper such as `KeyRerotation` passes it to what it wraps)."""
+    if hasattr(policy, "inner"):
+        return dataclasses.replace(policy, inner=_with_capacity(policy.inner, capacity))
+    return dataclasses.replace(policy, capacity=capacity)
 
 
 def init_cache(

@@ -1,8 +1,16 @@
-"""Streaming perplexity: score a long text under a policy in constant memory.
+"""Task-independent evaluation: streaming perplexity, and answers to questions about a context.
 
-The text is fed in chunks (`lax.scan`) through the fixed-capacity cache, and
-each chunk's logits are reduced to the negative log-likelihood of the next
-token before the next chunk, so memory is O(capacity + chunk x vocab).
+Perplexity: the text is fed in chunks (`lax.scan`) through the fixed-capacity
+cache, and each chunk's logits are reduced to the negative log-likelihood of
+the next token before the next chunk, so memory is O(capacity + chunk x vocab).
+
+Answers (`answer`) come by one of two protocols, named in every result:
+- "kvpress": the context is prefilled as one chunk with full attention among
+  its tokens, so the policy compresses it once, at its end, with the whole
+  context in view; then the question and the answer are appended uncompressed.
+  Query-agnostic, and what kvpress's leaderboard measures.
+- "streaming": the whole prompt, question included, streams through the
+  fixed-capacity cache chunk by chunk: memory is bounded from the first token.
 """
 
 from __future__ import annotations
@@ -16,10 +24,11 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from kvjax.cache import KVCache
+from kvjax.generate import GenerateOutput, generate
 from kvjax.inputs import prng_key, token_batch
 from kvjax.policies.base import Policy
 from kvjax.protocol import CachedDecoder
-from kvjax.run import pad_to_chunks, scan_chunks
+from kvjax.run import pad_to_chunks, prefill, scan_chunks
 from kvjax.sharding import mesh_context, on_model_mesh
 
 
@@ -81,3 +90,47 @@ def perplexity(model: CachedDecoder, tokens, *, policy: Policy, mask=None, chunk
     if not scored.size:
         raise ValueError(f"no row has a token to predict after start={start}")
     return float(np.exp(scored.mean()))
+
+
+PROTOCOLS = ("kvpress", "streaming")
+
+
+def answer(
+    model: CachedDecoder, context, question, *, policy: Policy, protocol: str, max_new_tokens: int,
+    stop_tokens: int | tuple[int, ...] = (), chunk_size: int = 128, impl: str = "auto",
+) -> GenerateOutput:
+    """Greedy answers to `question` after `context` ([B, *] ids or lists of ragged rows, one question per
+    context), under `protocol` (see the module docstring).
+
+    "kvpress": `policy`'s slots hold the compressed context; the cache then gains room for the longest
+    question and `max_new_tokens` (`KVCache.with_room`), so it ends with capacity + question + answer
+    slots, as kvpress's does. "streaming": `policy`'s slots are all there ever is; `chunk_size` is the
+    prompt's chunk. Returns `generate`'s output.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    ctx, ctx_real = token_batch(context, vocab_size=model.vocab_size, name="context")
+    qst, qst_real = token_batch(question, vocab_size=model.vocab_size, name="question")
+    if ctx.shape[0] != qst.shape[0]:
+        raise ValueError(f"{ctx.shape[0]} contexts but {qst.shape[0]} questions: give one question per context")
+    rows = [np.concatenate([c[m], q[r]]).tolist() for c, m, q, r in zip(ctx, ctx_real, qst, qst_real)]
+    if protocol == "streaming":
+        return generate(model, rows, policy=policy, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                        chunk_size=chunk_size, impl=impl)
+    cache = model.cache_spec().init(policy, ctx.shape[0])
+    for layer_policy in cache.policies:
+        layer_policy.check_length(int(ctx_real.sum(-1).max()), what="the context")
+    cache, tokens, valid = on_model_mesh(model, cache, jnp.asarray(ctx), jnp.asarray(ctx_real))
+    graphdef, state = nnx.split(model)
+    with mesh_context(model):
+        cache = _compress_once(graphdef, state, tokens, valid, cache, jax.random.key(0), impl=impl)
+    cache = cache.with_room(int(qst_real.sum(-1).max()) + max_new_tokens)
+    return generate(model, [q[r].tolist() for q, r in zip(qst, qst_real)], cache=cache, max_new_tokens=max_new_tokens,
+                    stop_tokens=stop_tokens, chunk_size=chunk_size, impl=impl)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("cache",))
+def _compress_once(graphdef, state, tokens, valid, cache, key, *, impl):
+    """The whole context as one prefill chunk: every token attends to every earlier one, then the policy compresses."""
+    _, cache = prefill(nnx.merge(graphdef, state), tokens, valid, cache, key, chunk_size=tokens.shape[1], impl=impl)
+    return cache

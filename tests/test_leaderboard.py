@@ -1,0 +1,122 @@
+"""The long-context suite: RULER-style task generation and scoring, the two answer protocols, the resumable runner."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import kvjax
+from experiments import leaderboard, ruler
+from kvjax.evaluate import answer
+from models import Llama, LlamaConfig
+
+BYTES = ruler.ByteTokenizer()
+
+
+def test_score_is_rulers_string_match_all():
+    assert ruler.score("The numbers are 123 and 456.", ["123", "456"]) == 1.0
+    assert ruler.score("Only 123 here", ["123", "456"]) == 0.5
+    assert ruler.score("nothing", ["123"]) == 0.0
+    assert ruler.score("They are: APPLE, pear", ["apple", "Pear", "plum"]) == pytest.approx(2 / 3)  # case-insensitive
+
+
+@pytest.mark.parametrize("task", list(ruler.TASKS))
+def test_tasks_are_deterministic_sized_and_hold_their_answers(task):
+    length = 1500
+    a, b = ruler.samples(task, BYTES, length, 2, seed=3), ruler.samples(task, BYTES, length, 2, seed=3)
+    assert a == b
+    assert a != ruler.samples(task, BYTES, length, 2, seed=4)
+    for s in a:
+        assert 0.8 * length <= len(s.context) + len(s.question) <= length, len(s.context) + len(s.question)
+        context = BYTES.decode(s.context)
+        if task.startswith("niah"):
+            for value in s.answers:
+                assert re.search(rf"special magic numbers for \w+ is: {value}\.", context)
+            assert len(re.findall(r"special magic numbers for", context)) == (1 if task == "niah_single" else 4)
+        elif task == "variable_tracking":
+            value = re.search(r"assigned the value (\d+)", BYTES.decode(s.question)).group(1)
+            assert f"VAR {s.answers[0]} = {value}." in context
+            for a_, b_ in zip(s.answers, s.answers[1:]):
+                assert f"VAR {b_} = VAR {a_}." in context
+        else:  # the expected words are exactly the most frequent ones of the list
+            counts = collections.Counter(re.findall(r"\d+\. (\w+)", context))
+            top = sorted(counts, key=counts.get, reverse=True)[: len(s.answers)]
+            assert set(top) == set(s.answers) and min(counts[w] for w in top) > max(c for w, c in counts.items() if w not in top)
+
+
+def test_a_length_too_short_for_the_task_is_named():
+    with pytest.raises(ValueError, match="common_words: 300 tokens cannot hold"):
+        ruler.samples("common_words", BYTES, 300, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
+
+
+CONTEXT = np.asarray(jax.random.randint(jax.random.key(5), (2, 40), 1, 256))
+QUESTION = np.asarray(jax.random.randint(jax.random.key(6), (2, 6), 1, 256))
+
+
+def test_both_protocols_agree_with_the_full_cache(tiny):
+    full = kvjax.policies.make("full", capacity=60)
+    a = answer(tiny, CONTEXT, QUESTION, policy=full, protocol="kvpress", max_new_tokens=6)
+    b = answer(tiny, CONTEXT, QUESTION, policy=full, protocol="streaming", max_new_tokens=6, chunk_size=8)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "streaming_llm", "kvmerger"])
+def test_kvpress_protocol_is_the_full_cache_with_the_evicted_context_masked(tiny, name):
+    """Compress once, then append: the same greedy tokens as a full cache of the context in which every slot the
+    compressed cache dropped is masked, the question and the answer then appended to it."""
+    policy = kvjax.policies.make(name, capacity=16, **{"snapkv": dict(window=4)}.get(name, {}))
+    got = answer(tiny, CONTEXT, QUESTION, policy=policy, protocol="kvpress", max_new_tokens=6)
+    assert got.cache.slots == (16 + 6 + 6,) * 2
+
+    valid, key = np.ones(CONTEXT.shape, bool), jax.random.key(0)
+    _, small = kvjax.prefill(tiny, CONTEXT, valid, tiny.cache_spec().init(policy, 2), key, chunk_size=40)
+    _, full = kvjax.prefill(tiny, CONTEXT, valid, tiny.cache_spec().init(kvjax.policies.make("full", capacity=52), 2), key, chunk_size=40)
+    layers = []
+    for s, f in zip(small.layers, full.layers):
+        kept = np.asarray(s.pos)[..., None, :] == np.asarray(f.pos)[..., :, None]  # [B, H, full slot, small slot]
+        layers.append(f.replace(valid=f.valid & (kept & np.asarray(s.valid)[..., None, :]).any(-1)))
+    masked = full.replace(layers=tuple(layers))
+    if name != "kvmerger":  # merging rewrites slot contents; eviction keeps them as they were
+        assert all(int(m.valid.sum()) == int(s.valid.sum()) for m, s in zip(masked.layers, small.layers))
+        want = kvjax.generate(tiny, QUESTION, cache=masked, max_new_tokens=6)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+@pytest.mark.parametrize("name", ["dmc", "pod"])
+def test_policies_with_capacity_sized_state_say_to_stream(tiny, name):
+    policy = kvjax.policies.make(name, capacity=16, **{"pod": dict(sinks=2, window=4)}.get(name, {}))
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=f"{name}.*cannot grow; run it under the streaming protocol"):
+        warnings.simplefilter("ignore", UserWarning)  # DMC on a model never retrofitted
+        answer(tiny, CONTEXT, QUESTION, policy=policy, protocol="kvpress", max_new_tokens=4)
+
+
+def test_leaderboard_runs_resumes_and_plots(tmp_path, monkeypatch):
+    out = tmp_path / "board.jsonl"
+    argv = ["--model", "tiny", "--context", "600", "--samples", "2", "--tasks", "niah_single", "variable_tracking",
+            "--policies", "h2o", "--budgets", "0.25", "--new-tokens", "4", "--min-ceiling", "0", "--out", str(out)]
+    rows = leaderboard.main(argv)
+    assert {(r["task"], r["policy"], r["protocol"]) for r in rows} == {
+        (t, p, pr) for t in ("niah_single", "variable_tracking") for p in ("full", "h2o") for pr in ("kvpress", "streaming")}
+    assert all(0 <= r["score"] <= 1 and r["samples"] == 2 for r in rows)
+    assert {r["capacity"] for r in rows if r["policy"] == "h2o"} == {150}
+    assert "| h2o | 0.25 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(leaderboard, "run_cell", must_not_run)
+    assert len(leaderboard.main(argv)) == len(rows)  # resumed: every cell read back from the file
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == len(rows)
