@@ -47,13 +47,14 @@ def model_and_tokenizer(name: str):
 
 
 def policy_for(model, name: str, budget: str, context: int, extra: int):
-    """The policy of a cell; `extra` slots more for `full` (question + answer under streaming)."""
+    """The policy of a cell; `extra` slots more for `full` (question + answer under streaming).
+    A byte budget is per sample: planned for one row, and every row of a batch gets as much."""
     if name == "full":
         return kvjax.policies.make("full", capacity=context + extra)
     options = OPTIONS.get(name, {})
     if budget.replace(".", "", 1).isdigit():
         return kvjax.policies.make(name, capacity=max(int(float(budget) * context), 8), **options)
-    return kvjax.plan_capacity(model, parse_bytes(budget), policy=name, **options).policy()
+    return kvjax.plan_capacity(model, parse_bytes(budget), policy=name, **options).policy().inner
 
 
 def cell_key(row: dict) -> tuple:

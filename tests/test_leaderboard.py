@@ -120,3 +120,12 @@ def test_leaderboard_runs_resumes_and_plots(tmp_path, monkeypatch):
     assert len(leaderboard.main(argv)) == len(rows)  # resumed: every cell read back from the file
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == len(rows)
+
+
+def test_a_byte_budget_gives_every_policy_the_same_bytes_per_row(tiny):
+    """'64KiB' is per sample: each policy's cache holds at most that per row, whatever the batch."""
+    for name in ["h2o", "snapkv", "streaming_llm"]:
+        policy = leaderboard.policy_for(tiny, name, "64KiB", context=600, extra=10)
+        for batch in (1, 3):
+            nbytes = jax.eval_shape(lambda: tiny.cache_spec().init(policy, batch)).nbytes
+            assert 0.9 * 64 * 2**10 * batch <= nbytes <= 64 * 2**10 * batch, (name, batch, nbytes)
