@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import kvjax
 from experiments.results import write_json
-from experiments.texts import essays_dir
+from experiments.texts import all_essays
 from models import load
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -39,7 +39,7 @@ def passkey_prompt(tokenizer, filler: list[int], length: int, depth: float, key:
 def run(model, tokenizer, policy_for, *, lengths, depths, trials: int, seed: int = 0) -> list[dict]:
     """Accuracy per (length, depth); `policy_for(length)` gives the policy for a prompt length."""
     rng = np.random.default_rng(seed)
-    filler = tokenizer.encode(" ".join(p.read_text() for p in sorted(essays_dir().glob("*.txt"))))
+    filler = tokenizer.encode(all_essays())
     rows = []
     for length in tqdm(lengths, desc="passkey lengths", unit="length"):
         # Each trial reads the filler from its own random offset and hides its own key.

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from experiments.texts import essays_dir
+from experiments.texts import all_essays
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "One of the special magic numbers for {key} is: {value}. "
@@ -79,15 +79,14 @@ def has_chatml(tokenizer) -> bool:
 
 
 @functools.cache
-def essay_words() -> tuple[str, ...]:
-    """Distinct lowercase words of 4-10 letters from the essays, sorted (the vocabulary keys and lists draw from)."""
-    text = " ".join(p.read_text() for p in sorted(essays_dir().glob("*.txt")))
-    return tuple(sorted({w for w in re.findall(r"[a-z]+", text.lower()) if 4 <= len(w) <= 10}))
+def essay_text() -> str:
+    return all_essays()
 
 
 @functools.cache
-def essay_text() -> str:
-    return " ".join(p.read_text() for p in sorted(essays_dir().glob("*.txt")))
+def essay_words() -> tuple[str, ...]:
+    """Distinct lowercase words of 4-10 letters from the essays, sorted (the vocabulary keys and lists draw from)."""
+    return tuple(sorted({w for w in re.findall(r"[a-z]+", essay_text().lower()) if 4 <= len(w) <= 10}))
 
 
 def haystack_with(tokenizer, filler: str, inserts: list[str], budget: int, rng) -> str:
@@ -154,27 +153,29 @@ def variable_tracking(tokenizer, length: int, rng) -> Sample:
     intro = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
     question = f"Find all variables that are assigned the value {value} in the text above."
     opening = f"According to the chain(s) of variable assignment in the text above, {len(names)} variables are assigned the value {value}, they are:"
-    sample = fit(tokenizer, "variable_tracking", length, rng, intro, chain, NOISE * 4, question, opening, names)
-    return sample
+    return fit(tokenizer, "variable_tracking", length, rng, intro, chain, NOISE * 4, question, opening, names)
 
 
 def word_list_sample(tokenizer, task, length, rng, intro, question, opening, counts: Callable[[int], list[tuple[str, int]]], answers):
     """A shuffled numbered list of words sized to `length` tokens: `counts(n)` gives (word, repeats) for n distinct words."""
-    _, q_ids = chat(tokenizer, "", question, opening)
+    shuffle = int(rng.integers(2**31))  # one order per sample, whatever sizes are tried
 
     def listing(n):
         words = [w for w, c in counts(n) for _ in range(c)]
-        order = np.random.default_rng(int(rng.integers(2**31))).permutation(len(words))
+        order = np.random.default_rng(shuffle).permutation(len(words))
         return intro + " ".join(f"{i + 1}. {words[j]}" for i, j in enumerate(order))
 
-    if len(chat(tokenizer, listing(1), question, opening)[0]) + len(q_ids) > length:
+    def fits(n):
+        return sum(map(len, chat(tokenizer, listing(n), question, opening))) <= length
+
+    if not fits(1):
         raise ValueError(f"{task}: {length} tokens cannot hold the list's repeated words; use a longer length")
     lo, hi = 1, 2
-    while len(chat(tokenizer, listing(hi), question, opening)[0]) + len(q_ids) <= length:
+    while fits(hi):
         lo, hi = hi, hi * 2
     while hi - lo > 1:  # the most distinct words that still fit
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if len(chat(tokenizer, listing(mid), question, opening)[0]) + len(q_ids) <= length else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     ctx, q_ids = chat(tokenizer, listing(lo), question, opening)
     return Sample(task, ctx, q_ids, tuple(answers))
 

