@@ -14,7 +14,7 @@ demo:  ## install and run the main job on its small default
 	$(PY) -m experiments.demo
 
 test:  ## install and run the whole test suite
-	$(PIP) -e ".[test,real]"
+	$(PIP) -e ".[test,real,plots]"
 	$(DATA)
 	$(GEMMA)
 	$(PY) -m pytest -q -n auto --dist worksteal; rc=$$?; \

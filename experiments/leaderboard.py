@@ -22,28 +22,21 @@ A task the model cannot do even with the full cache (ceiling below
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 import kvjax
 from experiments import ruler
+from experiments.notebook import model_and_tokenizer
+from experiments.results import append_jsonl, read_jsonl
 from kvjax.evaluate import PROTOCOLS, answer
 from kvjax.plan import parse_bytes
-from models import Llama, LlamaConfig, load
 
 BASELINES = ["streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm"]
 OPTIONS = {"snapkv": dict(window=16), "pyramidkv": dict(window=8, beta=4.0)}  # observation windows that fit 1/8 budgets
-
-
-def model_and_tokenizer(name: str):
-    if name == "tiny":
-        return Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0)), ruler.ByteTokenizer()
-    return load(name)
 
 
 def policy_for(model, name: str, budget: str, context: int, extra: int):
@@ -59,10 +52,6 @@ def policy_for(model, name: str, budget: str, context: int, extra: int):
 
 def cell_key(row: dict) -> tuple:
     return row["task"], row["policy"], row["budget"], row["protocol"]
-
-
-def read_rows(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def run_cell(model, tokenizer, task_samples, name, budget, protocol, *, context, new_tokens, batch) -> dict:
@@ -100,11 +89,8 @@ def summarise(rows: list[dict], min_ceiling: float) -> tuple[str, list[str]]:
     return "\n".join(lines), dropped
 
 
-def plot(rows: list[dict], dropped: list[str], path: pathlib.Path) -> pathlib.Path:
+def figure(rows: list[dict], dropped: list[str]):
     """Mean score over the kept tasks vs budget, one line per policy, the full-cache ceiling dashed; one panel per protocol."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     protocols = sorted({r["protocol"] for r in rows})
@@ -124,6 +110,14 @@ def plot(rows: list[dict], dropped: list[str], path: pathlib.Path) -> pathlib.Pa
     if axes[0][-1].get_legend_handles_labels()[0]:
         axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict], dropped: list[str], path: pathlib.Path) -> pathlib.Path:
+    """`figure` saved to `path` (and closed)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, dropped)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -148,12 +142,11 @@ def main(argv=None):
 
     model, tokenizer = model_and_tokenizer(args.model)
     out = pathlib.Path(args.out)
-    done = {cell_key(r) for r in read_rows(out)}
+    done = {cell_key(r) for r in read_jsonl(out)}
     cells = [(t, p, b, pr) for t in args.tasks for pr in args.protocols
              for p, b in [("full", "1.0")] + [(p, b) for p in args.policies if p != "full" for b in args.budgets]]
     todo = [c for c in cells if c not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     cache: dict[str, list] = {}
     start = time.perf_counter()
     for task, policy, budget, protocol in tqdm(todo, desc="cells", unit="cell"):
@@ -162,9 +155,8 @@ def main(argv=None):
         row = run_cell(model, tokenizer, cache[task], policy, budget, protocol, context=args.context,
                        new_tokens=args.new_tokens, batch=args.batch)
         row.update(model=args.model, context=args.context, seed=args.seed)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    rows = [r for r in read_rows(out) if cell_key(r) in set(cells)]
+        append_jsonl(out, row)
+    rows = [r for r in read_jsonl(out) if cell_key(r) in set(cells)]
     table, dropped = summarise(rows, args.min_ceiling)
     print(table)
     if dropped:

@@ -1,4 +1,5 @@
-"""The long-context suite: RULER-style task generation and scoring, the two answer protocols, the resumable runner."""
+"""The long-context suite: RULER-style task generation and scoring, the two answer protocols, the resumable runners
+(leaderboard, long-text perplexity)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 import kvjax
-from experiments import leaderboard, ruler
+from experiments import leaderboard, long_perplexity, ruler
 from kvjax.evaluate import answer
 from models import Llama, LlamaConfig
 
@@ -104,11 +105,11 @@ def test_policies_with_capacity_sized_state_say_to_stream(tiny, name):
 
 def test_leaderboard_runs_resumes_and_plots(tmp_path, monkeypatch):
     out = tmp_path / "board.jsonl"
-    argv = ["--model", "tiny", "--context", "600", "--samples", "2", "--tasks", "niah_single", "variable_tracking",
+    argv = ["--model", "tiny", "--context", "600", "--samples", "2", "--tasks", "variable_tracking",
             "--policies", "h2o", "--budgets", "0.25", "--new-tokens", "4", "--min-ceiling", "0", "--out", str(out)]
     rows = leaderboard.main(argv)
     assert {(r["task"], r["policy"], r["protocol"]) for r in rows} == {
-        (t, p, pr) for t in ("niah_single", "variable_tracking") for p in ("full", "h2o") for pr in ("kvpress", "streaming")}
+        ("variable_tracking", p, pr) for p in ("full", "h2o") for pr in ("kvpress", "streaming")}
     assert all(0 <= r["score"] <= 1 and r["samples"] == 2 for r in rows)
     assert {r["capacity"] for r in rows if r["policy"] == "h2o"} == {150}
     assert "| h2o | 0.25 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
@@ -129,3 +130,16 @@ def test_a_byte_budget_gives_every_policy_the_same_bytes_per_row(tiny):
         for batch in (1, 3):
             nbytes = jax.eval_shape(lambda: tiny.cache_spec().init(policy, batch)).nbytes
             assert 0.9 * 64 * 2**10 * batch <= nbytes <= 64 * 2**10 * batch, (name, batch, nbytes)
+
+
+def test_long_perplexity_runs_resumes_and_a_budget_of_the_whole_text_is_the_full_cache(tmp_path, monkeypatch):
+    out = tmp_path / "ppl.jsonl"
+    argv = ["--model", "tiny", "--lengths", "256", "--texts", "essays", "--policies", "h2o", "--budgets", "0.25", "1.0",
+            "--out", str(out)]
+    rows = {(r["policy"], r["budget"]): r for r in long_perplexity.main(argv)}
+    assert set(rows) == {("full", "1.0"), ("h2o", "0.25"), ("h2o", "1.0")} and rows[("h2o", "0.25")]["capacity"] == 64
+    assert rows[("h2o", "1.0")]["perplexity"] == pytest.approx(rows[("full", "1.0")]["perplexity"], rel=1e-5)  # nothing evicted
+    assert rows[("h2o", "0.25")]["perplexity"] != pytest.approx(rows[("full", "1.0")]["perplexity"], rel=1e-3)
+    assert "| h2o | 0.25 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+    monkeypatch.setattr(long_perplexity, "perplexity", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
+    assert len(long_perplexity.main(argv)) == 3
