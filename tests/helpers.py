@@ -70,6 +70,15 @@ def decision_dimension_zeroed(model):
     return model
 
 
+def first_layers(model, n: int):
+    """A copy keeping the first `n` decoder layers (real weights and shapes, a fraction of the compile
+    time): for properties that hold for any weights, such as two code paths giving the same tokens."""
+    model = nnx.clone(model)
+    model.layers = nnx.List(list(model.layers)[:n])
+    model.cfg = dataclasses.replace(model.cfg, num_layers=n)
+    return model
+
+
 # ----------------------------------------------------------------------------- runner
 
 
