@@ -59,6 +59,14 @@ def stage_log(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def pretrained(train_tokens: np.ndarray, steps: int, batch: int, seq_len: int, workdir: pathlib.Path) -> tuple[Llama, list[dict]]:
+    """The byte-level model pretrained from scratch (resumed or read back from `workdir`), and its log."""
+    model = Llama(CONFIG, rngs=nnx.Rngs(0))
+    log = run_stage(model, retrofit.language_model_loss(), PackedBatches(train_tokens, seq_len, batch, seed=0),
+                    steps, 2e-3, workdir, "pretrain", warmup=min(50, steps // 10))
+    return model, log
+
+
 def run_stage(model, loss, batches, steps: int, lr: float, workdir: pathlib.Path, name: str, warmup: int = 0) -> list[dict]:
     train(model, loss, batches, TrainConfig(steps=steps, learning_rate=lr, warmup_steps=warmup, checkpoint_every=100),
           workdir=workdir, description=name)
@@ -180,9 +188,7 @@ def main():
 
     train_tokens, held = corpus()
     print(f"corpus: {len(train_tokens):,} training bytes, {len(held):,} held out")
-    model = Llama(CONFIG, rngs=nnx.Rngs(0))
-    pre_log = run_stage(model, retrofit.language_model_loss(), PackedBatches(train_tokens, args.seq_len, args.batch, seed=0),
-                        args.pretrain_steps, 2e-3, workdir / "pretrain", "pretrain", warmup=min(50, args.pretrain_steps // 10))
+    model, pre_log = pretrained(train_tokens, args.pretrain_steps, args.batch, args.seq_len, workdir / "pretrain")
     batches = PackedBatches(train_tokens, args.seq_len, args.batch, seed=1)  # retrofitting continues on new batches
     retrofitted, logs = {}, {}
     for cr in args.crs:

@@ -1,4 +1,5 @@
-"""Training-time attention for retrofitting DMC (arXiv 2403.09636, Sec. 3.3, the training relaxation).
+"""Training-time attention for retrofitting a model to a cache method: DMC (arXiv 2403.09636, Sec. 3.3,
+the training relaxation) and POD's post-training (arXiv 2412.02252, Sec. 3.3; `pod_attention`).
 
 The full-sequence, differentiable counterpart of `kvjax.policies.dmc`:
 
@@ -31,6 +32,7 @@ from jaxtyping import Array, Float
 
 from kvjax import attention as attention_lib
 from kvjax.policies.dmc import MERGE_WINDOW, decision_inputs, strip_decision_dim
+from kvjax.policies.pod import train_attention
 from kvjax.rope import Rope
 
 TEMPERATURE = 0.1  # tau of the Gumbel-sigmoid (dmc_temp)
@@ -102,6 +104,25 @@ def zero_out_attention(factor):
 
     def attention(q, k, v, *, rope: Rope, scale: float, layer: int, key: jax.Array):
         return causal_attention(strip_decision_dim(q, factor), strip_decision_dim(k, factor), v, rope=rope, scale=scale), None
+
+    return attention
+
+
+def pod_attention(owners, *, sinks: int, window: int):
+    """POD's post-training attention (arXiv 2412.02252, Sec. 3.3): every layer attends with
+    `kvjax.policies.pod.train_attention`, proximal keys its own, distant keys those of its block's owner
+    (`owners[l][h]`, from `kvjax.calibrate.pod_blocks`). Layers run in order and an owner is never
+    later than the layers it serves, so each layer's rotated keys are kept for the layers after it
+    (cleared at layer 0, so every forward starts afresh)."""
+    keys = {}
+
+    def attention(q, k, v, *, rope: Rope, scale: float, layer: int, key: jax.Array):
+        if layer == 0:
+            keys.clear()
+        pos = jnp.arange(q.shape[1])[None, :, None]
+        keys[layer] = rope(k, pos)
+        k_owner = jnp.stack([keys[owners[layer][h]][:, :, h] for h in range(k.shape[2])], 2)
+        return train_attention(rope(q, pos), keys[layer], k_owner, v, sinks=sinks, window=window, scale=scale), None
 
     return attention
 

@@ -170,3 +170,20 @@ def test_shared_rings_follow_their_owner_with_selection():
         assert own.valid[0, 0].sum() == 8
         for s in np.flatnonzero(shared.valid[0, 0]):
             np.testing.assert_array_equal(shared.v[0, 0, s], v[1, 0, shared.pos[0, 0, s], 0])
+
+
+def test_post_training_loss_is_the_decode_paths_nll():
+    """POD's post-training loss (`retrofit.pod_attention` through the model's full-sequence forward) equals the
+    mean next-token NLL of decoding token by token through the POD cache, whose ring holds every distant
+    token; the blocks share keys across all three layers, and without sharing the loss differs."""
+    from kvjax import retrofit
+
+    model = Llama(LlamaConfig.tiny(num_layers=3), rngs=nnx.Rngs(3))
+    tokens = jax.random.randint(jax.random.key(1), (2, 25), 0, 256)
+    owners, sinks, window = ((0, 0), (1, 0), (1, 0)), 2, 4
+    loss = lambda blocks: float(retrofit.language_model_loss(retrofit.pod_attention(blocks, sinks=sinks, window=window))(  # noqa: E731
+        model, tokens, 0, jax.random.key(0))[0])
+    nll = np.asarray(kvjax.evaluate.stream_nll(model, tokens, policy=pod(32, sinks=sinks, window=window, owners=owners), chunk_size=1))
+    np.testing.assert_allclose(loss(owners), nll.mean(), rtol=1e-5)
+    unshared = ((0, 0), (1, 1), (2, 2))
+    assert abs(loss(unshared) - nll.mean()) > 1e-4
