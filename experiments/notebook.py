@@ -53,3 +53,16 @@ def workdir(name: str) -> pathlib.Path:
     path = base / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def setup(dtype: str = "float32", default: str = "smollm2-135m"):
+    """A notebook's first step after the install: print where it runs and load its model
+    (`KVJAX_NOTEBOOK_MODEL`, else `default`). dtype "auto": bfloat16 on a GPU/TPU, else float32.
+    Returns (name, tiny, model, tokenizer)."""
+    print(runtime())
+    name = model_name(default)
+    if dtype == "auto":
+        dtype = "bfloat16" if accelerated() else "float32"
+    model, tokenizer = model_and_tokenizer(name, dtype)
+    print(f"{name}: {model.cfg.num_layers} layers, {dtype}")
+    return name, name == "tiny", model, tokenizer
