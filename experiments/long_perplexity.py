@@ -73,7 +73,7 @@ def figure(rows: list[dict]):
         for policy in sorted({r["policy"] for r in mine} - {"full"}):
             points = sorted((float(r["budget"]), r["perplexity"]) for r in mine if r["policy"] == policy)
             ax.plot(*zip(*points), marker="o", label=policy)
-        ax.set(title=f"{text}, {length:,} tokens", xlabel="budget (fraction of the text)", ylabel="perplexity (2nd half)", yscale="log")
+        ax.set(title=f"{text}, {length:,} tokens", xlabel="budget (fraction of the text)", ylabel="perplexity (2nd half)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     return fig
