@@ -19,7 +19,7 @@
 Each training run checkpoints into --workdir and resumes if interrupted. Writes
 JSON, a markdown table and a plot into --out.
 
-    python -m experiments.pod_replication [--steps 500] [--deltas 0.5 0.8]
+    python -m experiments.pod_replication [--scale cpu|accelerator] [--steps 200] [--deltas 0.5 0.8]
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ import numpy as np
 from flax import nnx
 
 import kvjax
-from experiments.dmc_replication import CONFIG, corpus, perplexity, pretrained, run_stage
+from experiments.dmc_replication import CONFIG, corpus, perplexity, pretrained, run_stage, with_scale
 from experiments.results import write_json
 from kvjax import retrofit
 from kvjax.data import PackedBatches
 
 SINKS, WINDOW, T = 16, 64, 512
+SCALES = {  # as experiments.dmc_replication's (its pretraining is shared); "accelerator" has not run yet
+    "cpu": dict(pretrain_steps=700, steps=200, batch=8),
+    "accelerator": dict(pretrain_steps=8000, steps=4000, batch=32),
+}
 
 
 def pod(capacity: int, owners, **options) -> kvjax.Policy:
@@ -103,20 +107,21 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pretrain-steps", type=int, default=700, help="as experiments.dmc_replication (its checkpoint is reused)")
-    ap.add_argument("--steps", type=int, default=500, help="post-training steps per delta (and for the control)")
+    ap.add_argument("--scale", choices=list(SCALES), default="cpu", help="preset for the flags below left unset")
+    ap.add_argument("--pretrain-steps", type=int, help="as experiments.dmc_replication (its checkpoint is reused)")
+    ap.add_argument("--steps", type=int, help="post-training steps per delta (and for the control)")
     ap.add_argument("--deltas", type=float, nargs="+", default=[0.5, 0.8])
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int)
     ap.add_argument("--windows", type=int, default=32, help="held-out 512-byte windows")
     ap.add_argument("--workdir", default="results/dmc_replication", help="shared with dmc_replication (pretrain/)")
     ap.add_argument("--out", default="docs/measurements")
-    args = ap.parse_args(argv)
+    args = with_scale(ap.parse_args(argv), SCALES)
     workdir, out = pathlib.Path(args.workdir), pathlib.Path(args.out)
     start = time.time()
 
     train_tokens, held = corpus()
-    model, pre_log = pretrained(train_tokens, args.pretrain_steps, args.batch, T, workdir / "pretrain")
+    model, pre_log = pretrained(train_tokens, args.pretrain_steps, args.batch, T, workdir / f"pretrain-{args.pretrain_steps}")
     calibration = held[-4 * T :].reshape(4, T)  # held-out bytes not among the evaluated windows
     n = min(args.windows, (len(held) - 4 * T) // T)
     windows = held[: n * T].reshape(n, T)
