@@ -33,7 +33,7 @@ def _check(cache: KVCache, layer: int, q, k, v, step: Step) -> None:
             f"kv_heads={cache.kv_heads}, head_dim={cache.head_dim}]"
         )
     want = cache.layers[layer].k.dtype
-    if k.dtype != want or v.dtype != want:
+    if cache.policies[layer].kv_format is None and (k.dtype != want or v.dtype != want):
         raise TypeError(f"attend: k/v dtype {k.dtype}/{v.dtype} differs from the cache dtype {want}")
 
 

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, Shaped
+
+from kvjax.quant import SlotFormat
 
 EMPTY_POS = -1  # `pos` of a slot that holds nothing
 
@@ -34,13 +36,17 @@ class LayerCache:
     pos:    [batch, kv_heads, slots] original token position a slot stands for.
     valid:  [batch, kv_heads, slots] slot in use.
     score:  [batch, kv_heads, slots] the policy's statistic (f32).
+    k_scale, v_scale: [batch, kv_heads, slots] f32 scales when k and v are stored
+            quantized (`kvjax.quant`, under `kvjax.policies.Quantized`), else None.
     """
 
-    k: Float[Array, "B H C D"]
-    v: Float[Array, "B H C D"]
+    k: Shaped[Array, "B H C D"]
+    v: Shaped[Array, "B H C D"]
     pos: Int[Array, "B H C"]
     valid: Bool[Array, "B H C"]
     score: Float[Array, "B H C"]
+    k_scale: Float[Array, "B H C"] | None = None
+    v_scale: Float[Array, "B H C"] | None = None
 
     @property
     def slots(self) -> int:
@@ -120,8 +126,9 @@ class KVCache:
         def pad(x, fill):
             return jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
 
-        layers = tuple(LayerCache(k=pad(lc.k, 0), v=pad(lc.v, 0), pos=pad(lc.pos, EMPTY_POS), valid=pad(lc.valid, False),
-                                  score=pad(lc.score, 0)) for lc in self.layers)
+        fills = dict(k=0, v=0, pos=EMPTY_POS, valid=False, score=0, k_scale=1, v_scale=1)
+        layers = tuple(lc.replace(**{name: pad(getattr(lc, name), fill) for name, fill in fills.items()
+                                     if getattr(lc, name) is not None}) for lc in self.layers)
         return self.replace(layers=layers, policies=tuple(_with_capacity(p, p.capacity + extra) for p in self.policies))
 
 
@@ -140,9 +147,11 @@ def init_cache(
     kv_heads: int,
     head_dim: int,
     dtype=jnp.float32,
+    formats: Sequence[SlotFormat | None] | None = None,
 ) -> KVCache:
     """An empty cache with no policy; `slots` is one static size for every layer or one per
-    layer. `CacheSpec.init(policy, batch)` builds the cache a policy runs on."""
+    layer; `formats` the slot storage of each layer (None: `dtype`, unscaled).
+    `CacheSpec.init(policy, batch)` builds the cache a policy runs on."""
     for name, value in dict(num_layers=num_layers, batch=batch, kv_heads=kv_heads, head_dim=head_dim).items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
@@ -150,14 +159,23 @@ def init_cache(
     if len(per_layer) != num_layers or not all(isinstance(s, int) and s >= 1 for s in per_layer):
         raise ValueError(f"init_cache: slots must be a positive int or {num_layers} of them, got {slots!r}")
 
-    def layer(c: int) -> LayerCache:
+    formats = (None,) * num_layers if formats is None else tuple(formats)
+    if len(formats) != num_layers:
+        raise ValueError(f"init_cache: formats must give one slot format per layer ({num_layers}), got {len(formats)}")
+
+    def layer(c: int, fmt: SlotFormat | None) -> LayerCache:
         lead = (batch, kv_heads, c)
+        scale = lambda: jnp.ones(lead, jnp.float32) if fmt is not None and fmt.scaled else None  # noqa: E731
+        store = dtype if fmt is None else fmt.dtype
         return LayerCache(
-            k=jnp.zeros(lead + (head_dim,), dtype),
-            v=jnp.zeros(lead + (head_dim,), dtype),
+            k=jnp.zeros(lead + (head_dim,), store),
+            v=jnp.zeros(lead + (head_dim,), store),
             pos=jnp.full(lead, EMPTY_POS, jnp.int32),
             valid=jnp.zeros(lead, bool),
             score=jnp.zeros(lead, jnp.float32),
+            k_scale=scale(),
+            v_scale=scale(),
         )
 
-    return KVCache(layers=tuple(layer(c) for c in per_layer), seen=jnp.zeros((batch,), jnp.int32))
+    layers = tuple(layer(c, fmt) for c, fmt in zip(per_layer, formats))
+    return KVCache(layers=layers, seen=jnp.zeros((batch,), jnp.int32))

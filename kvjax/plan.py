@@ -24,6 +24,7 @@ from kvjax.policies.base import Policy
 from kvjax.policies.per_layer import PerLayer
 from kvjax.policies.pyramidkv import pyramid_budgets
 from kvjax.protocol import CacheSpec
+from kvjax.quant import SlotFormat
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -38,9 +39,11 @@ def parse_bytes(budget: int | str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def slot_bytes(spec: CacheSpec, batch: int) -> int:
-    """Bytes one slot costs in one layer: k and v, plus pos (int32), valid (bool), score (f32) per KV head."""
-    return batch * spec.kv_heads * (2 * spec.head_dim * jnp.dtype(spec.dtype).itemsize + 4 + 1 + 4)
+def slot_bytes(spec: CacheSpec, batch: int, fmt: SlotFormat | None = None) -> int:
+    """Bytes one slot costs in one layer: k and v (in the model's dtype, or stored in `fmt` with
+    its scales), plus pos (int32), valid (bool), score (f32) per KV head."""
+    kv = 2 * spec.head_dim * jnp.dtype(spec.dtype).itemsize if fmt is None else fmt.bytes_per_slot(spec.head_dim)
+    return batch * spec.kv_heads * (kv + 4 + 1 + 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,19 +156,20 @@ def plan_capacity(
 
     per_layer: "uniform"; "pyramid" (PyramidKV's linear schedule with `beta`,
     averaging the uniform capacity); or one weight per layer (a profile).
-    Options are passed to the policy. Raises if the budget cannot hold the
-    tokens the policy protects, naming the minimum budget.
+    Options are passed to the policy; `kv_dtype="int8"` (or "fp8", "bfloat16") stores the
+    slots in that format (`kvjax.quant`), scales counted, so the same bytes buy more of them.
+    Raises if the budget cannot hold the tokens the policy protects, naming the minimum budget.
     """
     spec = _spec(model)
     if (budget is None) == (tokens is None):
         raise ValueError("plan_capacity: give exactly one of budget=<bytes or '256MiB'> or tokens=<slots per layer>")
     probe = policies.make(policy, capacity=2**24, **options)  # unknown names and options fail here, by name
-    if isinstance(probe, policies.POD):
+    if isinstance(getattr(probe, "inner", probe), policies.POD):  # also stored quantized
         return _plan_by_bytes(spec, budget, tokens, policy, per_layer, batch, options)
     layers = policies.resolve(probe, spec)
     state = jax.eval_shape(lambda: [p.init_state(spec, i, batch) for i, p in enumerate(layers)])
     windows = spec.sliding_windows or (None,) * spec.num_layers
-    per_slot = slot_bytes(spec, batch)
+    per_slot = slot_bytes(spec, batch, probe.kv_format)
     fixed = sum(w - 1 for w in windows if w is not None) * per_slot + 4 * batch  # window layers + `seen`
     fixed += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))  # policy state beside the slots (DMC's)
     globals_ = [i for i, w in enumerate(windows) if w is None]

@@ -32,6 +32,7 @@ class CacheSpec:
         cache = init_cache(
             slots=tuple(p.slots for p in layers), num_layers=self.num_layers, batch=batch,
             kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=jnp.dtype(self.dtype),
+            formats=tuple(p.kv_format for p in layers),
         )
         state = tuple(p.init_state(self, layer, batch) for layer, p in enumerate(layers))
         return cache.replace(state=state, policies=layers)

@@ -2,7 +2,9 @@
 `register`) and `resolve`, the one step that binds a policy to a model.
 
 An entry is a policy class or a factory function; `make` checks the options
-against its signature. Shorthand options that compose parts stay available:
+against its signature. Every policy also takes `kv_dtype` (its slots' storage
+format, `kvjax.quant`): `make("h2o", capacity=256, kv_dtype="int8")` is
+`Quantized(H2O(...), "int8")`. Shorthand options that compose parts stay available:
 `make("streaming_llm", rerotate=True)` is `KeyRerotation(StreamingLLM(...))`,
 `make("pod", select="snapkv")` is POD with the SnapKV-voted ring.
 """
@@ -23,6 +25,7 @@ from kvjax.policies.merging import MergingPolicy
 from kvjax.policies.per_layer import PerLayer
 from kvjax.policies.pod import POD, NewestRing, SnapKVRing
 from kvjax.policies.pyramidkv import PyramidKV, pyramid_budgets
+from kvjax.policies.quantized import Quantized
 from kvjax.policies.random import Random
 from kvjax.policies.scorer import Candidates, KeyRerotation, ScorerPolicy
 from kvjax.policies.snapkv import SnapKV
@@ -58,30 +61,38 @@ def _lookup(name: str) -> Callable[..., Policy]:
 
 
 def options(name: str) -> list[str]:
-    """Options `make` accepts for a policy (besides capacity)."""
-    return [p for p in inspect.signature(_lookup(name)).parameters if p != "capacity"]
+    """Options `make` accepts for a policy (besides capacity); `kv_dtype` is every policy's."""
+    return [p for p in inspect.signature(_lookup(name)).parameters if p != "capacity"] + ["kv_dtype"]
 
 
-def make(name: str, capacity: int, **kwargs) -> Policy:
-    """Build a policy by registry name, e.g. `make("h2o", capacity=256, window=64)`."""
+def make(name: str, capacity: int, kv_dtype: str | None = None, **kwargs) -> Policy:
+    """Build a policy by registry name, e.g. `make("h2o", capacity=256, window=64)`; with
+    `kv_dtype` ("int8", "fp8", "bfloat16", "float32") its slots are stored in that format."""
     factory = _lookup(name)
     unknown = sorted(set(kwargs) - set(options(name)))
     if unknown:
         raise TypeError(f"policy {name!r} takes no option(s) {unknown}; its options are {options(name)}")
-    return factory(capacity=capacity, **kwargs)
+    policy = factory(capacity=capacity, **kwargs)
+    return policy if kv_dtype is None else Quantized(policy, kv_dtype)
 
 
 def resolve(policy: Policy, spec) -> tuple[Policy, ...]:
     """The policy of every layer of a model with cache `spec`, bound to it (`Policy.resolve`).
 
     Sliding-window layers (a window of w tokens, the current one included) run
-    the `window` policy with capacity w - 1; the given policy runs the others.
+    the `window` policy with capacity w - 1, in the policy's slot format; the
+    given policy runs the others.
     """
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a kvjax Policy (see kvjax.policies.make), got {type(policy).__name__}")
     layers = policy.resolve(spec)
     windows = spec.sliding_windows or (None,) * spec.num_layers
-    return tuple(p if w is None else Window(capacity=w - 1) for p, w in zip(layers, windows, strict=True))
+
+    def sliding(p: Policy, w: int) -> Policy:
+        fmt = p.kv_format
+        return Window(capacity=w - 1) if fmt is None else Quantized(Window(capacity=w - 1), fmt.name)
+
+    return tuple(p if w is None else sliding(p, w) for p, w in zip(layers, windows, strict=True))
 
 
 def streaming_llm(capacity: int, sinks: int = 4, window: int | None = None, rerotate: bool = False) -> Policy:
@@ -113,6 +124,6 @@ register(pod, name="pod")
 
 __all__ = [
     "BCT", "Candidates", "DMC", "Full", "H2O", "KNorm", "KVMerger", "KeyRerotation", "MergingPolicy", "NewestRing", "POD",
-    "PerLayer", "Policy", "PyramidKV", "Random", "ScorerPolicy", "SnapKV", "SnapKVRing", "Step", "StreamingLLM", "TOVA",
+    "PerLayer", "Policy", "PyramidKV", "Quantized", "Random", "ScorerPolicy", "SnapKV", "SnapKVRing", "Step", "StreamingLLM", "TOVA",
     "Window", "make", "names", "options", "pyramid_budgets", "register", "resolve",
 ]

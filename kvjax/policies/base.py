@@ -99,6 +99,11 @@ class Policy:
         """Static slot count of the layer this policy runs."""
         return self.capacity
 
+    @property
+    def kv_format(self):
+        """How this layer stores k and v (a `kvjax.quant.SlotFormat`), or None: the model's dtype."""
+        return None
+
     def init_state(self, spec: CacheSpec, layer: int, batch: int):
         """State this layer keeps beside its slots in `KVCache.state[layer]` (None: none)."""
         return None
