@@ -11,6 +11,11 @@ distant keys; greedy, bottom-up, a layer joins the open block while its
 similarity to the block's first layer is >= delta (0.5). Attention is the mass
 the last `queries` tokens give each key, summed over the query heads of the KV
 group (our reading for GQA).
+
+`format_shifts` / `narrowest_format` choose a slot storage format (`kvjax.quant`)
+for `plan_capacity(kv_dtype="auto")`: the format with the fewest bytes per slot
+whose full cache moves the per-token NLL of the calibration text by at most a
+threshold (mean |delta NLL| in nats, against the model's own dtype).
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvjax.evaluate import stream_nll
 from kvjax.policies import make
 from kvjax.policies.full import Full
 from kvjax.policies.merging import cosine
 from kvjax.inputs import token_batch
 from kvjax.protocol import CachedDecoder
+from kvjax.quant import FORMATS
 from kvjax.run import pad_to_chunks, prefill
 from kvjax.select import gather, position_order
 from kvjax.sharding import mesh_context, on_model_mesh
@@ -157,3 +164,24 @@ def load_blocks(path) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(int(o) for o in row) for row in data["owners"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a POD blocks file (expected {{'owners': [[...], ...]}}): {err}") from err
+
+
+def format_shifts(model: CachedDecoder, tokens, *, formats=("bfloat16", "int8", "fp8"), chunk_size: int = 64,
+                  impl: str = "auto") -> dict[str, float]:
+    """Mean |delta NLL| per token (nats) of the full cache stored in each format, against the model's dtype.
+    A chunk's tokens see each other before they are stored, so only what is read from the cache
+    (tokens of earlier chunks) is quantized: keep `chunk_size` well below the text's length."""
+    tokens = _calibration_tokens(model, tokens)
+    nll = lambda kv: np.asarray(stream_nll(model, tokens, policy=make("full", capacity=tokens.shape[1], kv_dtype=kv),  # noqa: E731
+                                           chunk_size=chunk_size, impl=impl))
+    reference = nll(None)
+    return {f: float(np.nanmean(np.abs(nll(f) - reference))) for f in formats}
+
+
+def narrowest_format(shifts: dict[str, float], max_shift: float, own_dtype: str, head_dim: int) -> str:
+    """The format with the fewest bytes per slot (of `head_dim`, scales included) whose shift is at
+    most `max_shift` (equal bytes: the smaller shift); the model's own dtype when none is."""
+    fits = [f for f, shift in shifts.items() if shift <= max_shift]
+    if not fits:
+        return own_dtype
+    return min(fits, key=lambda f: (FORMATS[f].bytes_per_slot(head_dim), shifts[f]))

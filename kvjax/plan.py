@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from kvjax import policies
+from kvjax import calibrate, policies
 from kvjax.cache import KVCache
 from kvjax.policies.base import Policy
 from kvjax.policies.per_layer import PerLayer
@@ -86,6 +86,11 @@ class CapacityPlan:
     nbytes: int
     capacities: tuple[int, ...] | None = None  # the policy's capacity per layer, where it differs from `slots` (POD)
 
+    @property
+    def kv_dtype(self) -> str:
+        """The slots' storage format (`kvjax.quant`)."""
+        return dict(self.options).get("kv_dtype") or self.spec.dtype
+
     def policy(self) -> Policy:
         """The policy with each global layer's capacity, for caches of `batch` rows (another
         batch would not fit the budget: building its cache raises)."""
@@ -111,6 +116,16 @@ def _spec(model) -> CacheSpec:
     if hasattr(model, "cache_spec"):
         return model.cache_spec()
     raise TypeError(f"plan_capacity needs a model, a model config or a CacheSpec (with .cache_spec()), got {type(model).__name__}")
+
+
+def _measured_format(model, spec: CacheSpec, calibration, max_nll_shift: float, chunk: int) -> str | None:
+    """kv_dtype="auto": the narrowest format within `max_nll_shift` on the calibration text (None: the model's dtype)."""
+    if calibration is None or not hasattr(model, "logits"):
+        raise ValueError('plan_capacity: kv_dtype="auto" measures each format on text: pass the model itself (not its '
+                         "config) and calibration=<token ids>, e.g. 512 tokens like your task's")
+    chosen = calibrate.narrowest_format(calibrate.format_shifts(model, calibration, chunk_size=chunk), max_nll_shift, spec.dtype,
+                                        spec.head_dim)
+    return None if chosen == spec.dtype else chosen
 
 
 def _split(total: int, weights: Sequence[float]) -> list[int]:
@@ -150,6 +165,9 @@ def plan_capacity(
     per_layer: str | Sequence[float] = "uniform",
     batch: int = 1,
     beta: float = 20.0,
+    calibration=None,
+    max_nll_shift: float = 0.01,
+    calibration_chunk: int = 64,
     **options,
 ) -> CapacityPlan:
     """Per-layer capacities for `policy` that fit `budget` bytes (or `tokens` slots per global layer).
@@ -158,11 +176,17 @@ def plan_capacity(
     averaging the uniform capacity); or one weight per layer (a profile).
     Options are passed to the policy; `kv_dtype="int8"` (or "fp8", "bfloat16") stores the
     slots in that format (`kvjax.quant`), scales counted, so the same bytes buy more of them.
+    `kv_dtype="auto"` measures every format on `calibration` token ids (the model itself, not
+    a config) and takes the one with the fewest bytes per slot that moves the per-token NLL by
+    at most `max_nll_shift` nats on average (`kvjax.calibrate.narrowest_format`), streaming
+    the text in chunks of `calibration_chunk` tokens.
     Raises if the budget cannot hold the tokens the policy protects, naming the minimum budget.
     """
     spec = _spec(model)
     if (budget is None) == (tokens is None):
         raise ValueError("plan_capacity: give exactly one of budget=<bytes or '256MiB'> or tokens=<slots per layer>")
+    if options.get("kv_dtype") == "auto":
+        options["kv_dtype"] = _measured_format(model, spec, calibration, max_nll_shift, calibration_chunk)
     probe = policies.make(policy, capacity=2**24, **options)  # unknown names and options fail here, by name
     if isinstance(getattr(probe, "inner", probe), policies.POD):  # also stored quantized
         return _plan_by_bytes(spec, budget, tokens, policy, per_layer, batch, options)

@@ -173,3 +173,23 @@ def test_format_errors_name_the_fix():
         kvjax.policies.make("h2o", capacity=8, kv_dtype="int3")
     with pytest.raises(TypeError, match="already stored as int8"):
         Quantized(kvjax.policies.make("h2o", capacity=8, kv_dtype="int8"), "fp8")
+
+
+def test_auto_format_is_the_narrowest_within_the_nll_threshold(model):
+    """kv_dtype="auto" measures each format's NLL shift on the calibration text and takes the fewest
+    bytes per slot within the threshold: thresholds between the measured shifts pick each format in turn."""
+    calibration = jax.random.randint(jax.random.key(8), (1, 64), 1, 256)
+    shifts = kvjax.calibrate.format_shifts(model, calibration, chunk_size=16, impl="xla")
+    assert shifts["bfloat16"] < shifts["int8"] < shifts["fp8"], shifts  # as measured by the float cache test above
+
+    def plan(max_shift):
+        return plan_capacity(model, 2**18, policy="h2o", kv_dtype="auto", calibration=calibration, max_nll_shift=max_shift,
+                             calibration_chunk=16)
+
+    assert plan(shifts["fp8"] * 1.01).kv_dtype == "int8"  # int8 and fp8 cost the same bytes: the smaller shift
+    between = plan((shifts["bfloat16"] + shifts["int8"]) / 2)
+    assert between.kv_dtype == "bfloat16" and between.slots == plan_capacity(model, 2**18, policy="h2o", kv_dtype="bfloat16").slots
+    none = plan(shifts["bfloat16"] / 2)
+    assert none.kv_dtype == "float32" and none.slots == plan_capacity(model, 2**18, policy="h2o").slots
+    with pytest.raises(ValueError, match="calibration=<token ids>"):
+        plan_capacity(model.cfg, 2**18, policy="h2o", kv_dtype="auto")

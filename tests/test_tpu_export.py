@@ -97,13 +97,14 @@ POLICIES = {
 SLIDING_REFUSED = {"pod", "dmc"}  # documented: these policies refuse sliding-window layers
 
 
-def generate_program(cfg: LlamaConfig, policy: str, *, impl: str = "pallas", prompt: int = 96) -> str:
-    """generate's whole program (chunked prefill + decode while-loop) exported for TPU v6e, random weights."""
+def generate_program(cfg: LlamaConfig, policy: str, *, impl: str = "pallas", prompt: int = 96, kv_dtype: str | None = None) -> str:
+    """generate's whole program (chunked prefill + decode while-loop) exported for TPU v6e, random weights;
+    `kv_dtype` stores the slots in that format (`kvjax.quant`)."""
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # DMC on a model never retrofitted
-        cache = jax.eval_shape(lambda: model.cache_spec().init(kvjax.policies.make(policy, **POLICIES[policy]), 2))
+        cache = jax.eval_shape(lambda: model.cache_spec().init(kvjax.policies.make(policy, kv_dtype=kv_dtype, **POLICIES[policy]), 2))
     program = importlib.import_module("kvjax.generate")._generate
     return exported_for_tpu(
         program, graphdef, state, S((2, prompt), jnp.int32), S((2, prompt), bool), cache, jax.random.key(0), jnp.int32(8),
@@ -121,6 +122,15 @@ def test_generate_lowers_to_mosaic(model, policy):
         return
     text = generate_program(cfg, policy)
     assert text.count(MOSAIC) >= 4 * cfg.num_layers  # prefill and decode: two regions each, per layer
+
+
+@pytest.mark.parametrize(("policy", "kv_dtype"), [("h2o", "int8"), ("kvmerger", "fp8"), ("dmc", "int8")])
+def test_generate_over_quantized_slots_lowers_to_mosaic(policy, kv_dtype):
+    """Narrow slots are dequantized before the kernels (they do not read int8 / fp8 yet): the program
+    still lowers for TPU, with the narrow buffers as its cache."""
+    text = generate_program(smollm2_shaped(), policy, kv_dtype=kv_dtype)
+    assert text.count(MOSAIC) >= 4 * smollm2_shaped().num_layers
+    assert {"int8": "xi8", "fp8": "xf8E4M3FN"}[kv_dtype] in text
 
 
 def test_auto_exports_the_kernels_for_tpu():
