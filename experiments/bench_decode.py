@@ -38,6 +38,7 @@ import kvjax
 import models
 from experiments.results import write_json
 from kvjax import select
+from kvjax.quant import FORMATS
 from kvjax.policies.scorer import ScorerPolicy, at_original_positions
 from kvjax.run import forward_chunk
 from models import Llama, LlamaConfig
@@ -67,8 +68,11 @@ class RingWrite(ScorerPolicy):
         return out, cache.replace_layer(layer, written)
 
 
-def make_policy(name: str, capacity: int) -> kvjax.Policy:
-    return RingWrite(capacity=capacity) if name == "ring_write" else kvjax.policies.make(name, capacity=capacity)
+def make_policy(name: str, capacity: int, kv_dtype: str | None = None) -> kvjax.Policy:
+    """The policy, its slots stored as `kv_dtype` if given (`kvjax.quant`)."""
+    if name != "ring_write":
+        return kvjax.policies.make(name, capacity=capacity, kv_dtype=kv_dtype)
+    return RingWrite(capacity=capacity) if kv_dtype is None else kvjax.policies.Quantized(RingWrite(capacity=capacity), kv_dtype)
 
 
 def read_bandwidth(nbytes: int = 2**28, repeats: int = 10) -> float:
@@ -153,20 +157,24 @@ def time_round_robin(runners, steps: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def bench_group(model, policies, seen: int, batch: int, capacity: int, steps: int, bandwidth: float) -> list[dict]:
-    """Every policy at one (context, batch): step time, bandwidth fraction, policy share, speed-up over full."""
+def bench_group(model, policies, seen: int, batch: int, capacity: int, steps: int, bandwidth: float,
+                kv_dtypes=(None,)) -> list[dict]:
+    """Every policy (in every slot format) at one (context, batch): step time, bandwidth fraction,
+    policy share and speed-up over full (both against the same format)."""
     rows, runners = [], []
-    for name in tqdm(policies, desc=f"compile {seen} tokens x {batch}", unit="policy", leave=False):
-        policy = make_policy(name, seen + steps + 8 if name == "full" else capacity)
+    configs = [(name, kv) for kv in kv_dtypes for name in policies]
+    for name, kv in tqdm(configs, desc=f"compile {seen} tokens x {batch}", unit="policy", leave=False):
+        policy = make_policy(name, seen + steps + 8 if name == "full" else capacity, kv)
         cache_bytes = jax.eval_shape(lambda: model.cache_spec().init(policy, batch)).nbytes
-        rows.append(dict(policy=name, seen=seen, batch=batch, capacity=policy.capacity, cache_bytes=cache_bytes))
+        rows.append(dict(policy=name, kv_dtype=kv or model.cache_spec().dtype, seen=seen, batch=batch, capacity=policy.capacity,
+                         cache_bytes=cache_bytes))
         runners.append(decode_stepper(model, policy, seen, batch))
     weights = weight_bytes(model)
     for r, seconds in zip(rows, time_round_robin(runners, steps)):
         r.update(step_ms=1e3 * seconds, bandwidth_fraction=(weights + r["cache_bytes"]) / bandwidth / seconds)
-    by_name = {r["policy"]: r for r in rows}
+    by_name = {(r["policy"], r["kv_dtype"]): r for r in rows}
     for r in rows:
-        ring, full = by_name.get("ring_write"), by_name.get("full")
+        ring, full = by_name.get(("ring_write", r["kv_dtype"])), by_name.get(("full", r["kv_dtype"]))
         if ring and r["policy"] not in ("full", "ring_write"):
             r["policy_share"] = 1 - ring["step_ms"] / r["step_ms"]
         if full:
@@ -182,6 +190,8 @@ def main(argv=None):
     parser.add_argument("--capacity", type=int, default=None,
                         help="slots of the compressed policies (default: a quarter of the context, at most 1024)")
     parser.add_argument("--policies", nargs="+", default=POLICIES)
+    parser.add_argument("--kv-dtypes", nargs="+", default=[None], choices=list(FORMATS),
+                        help="slot storage formats to time side by side (default: the model's dtype)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default="results/bench_decode.json")
     args = parser.parse_args(argv)
@@ -193,15 +203,15 @@ def main(argv=None):
     for seen in args.contexts:
         for batch in args.batches:
             capacity = args.capacity or min(seen // 4, 1024)
-            rows += bench_group(model, args.policies, seen, batch, capacity, args.steps, bandwidth)
+            rows += bench_group(model, args.policies, seen, batch, capacity, args.steps, bandwidth, args.kv_dtypes)
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
-    print(f"{'policy':<14} {'seen':>6} {'batch':>5} {'slots':>6} {'cache MiB':>9} {'step ms':>8} {'% bw':>5} {'policy %':>8} {'full/this':>9}")
+    print(f"{'policy':<14} {'slots as':>8} {'seen':>6} {'batch':>5} {'slots':>6} {'cache MiB':>9} {'step ms':>8} {'% bw':>5} {'policy %':>8} {'full/this':>9}")
     for r in rows:
         share = r.get("policy_share")
-        print(f"{r['policy']:<14} {r['seen']:>6} {r['batch']:>5} {r['capacity']:>6} {r['cache_bytes'] / 2**20:>9.1f} {r['step_ms']:>8.2f} "
+        print(f"{r['policy']:<14} {r['kv_dtype']:>8} {r['seen']:>6} {r['batch']:>5} {r['capacity']:>6} {r['cache_bytes'] / 2**20:>9.1f} {r['step_ms']:>8.2f} "
               f"{100 * r['bandwidth_fraction']:>5.0f} {fmt(None if share is None else 100 * share, '>8.0f')} "
               f"{fmt(r.get('speedup_vs_full'), '>9.2f')}")
     meta = dict(model=args.model, device=str(jax.devices()[0]), machine=platform.machine(), jax=jax.__version__,

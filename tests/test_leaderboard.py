@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import kvjax
-from experiments import leaderboard, long_perplexity, ruler
+from experiments import leaderboard, long_perplexity, quantized_budget, ruler
 from kvjax.evaluate import answer
 from models import Llama, LlamaConfig
 
@@ -143,3 +143,19 @@ def test_long_perplexity_runs_resumes_and_a_budget_of_the_whole_text_is_the_full
     assert "| h2o | 0.25 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
     monkeypatch.setattr(long_perplexity, "perplexity", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
     assert len(long_perplexity.main(argv)) == 3
+
+
+def test_quantized_budget_buys_more_slots_in_a_narrower_format_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "quant.jsonl"
+    argv = ["--model", "tiny", "--length", "256", "--policies", "h2o", "--kv-dtypes", "float32", "int8", "--budgets", "0.25",
+            "--chunk", "32", "--out", str(out)]
+    rows = {(r["policy"], r["kv_dtype"]): r for r in quantized_budget.main(argv)}
+    assert set(rows) == {("full", "float32"), ("full", "int8"), ("h2o", "float32"), ("h2o", "int8")}
+    for key in (("h2o", "float32"), ("h2o", "int8")):
+        assert 0.9 * 0.25 <= rows[key]["bytes_fraction"] <= 0.25  # the budget is filled, never exceeded
+    assert rows[("h2o", "int8")]["capacity"] > 2.5 * rows[("h2o", "float32")]["capacity"]  # head_dim 16: (128 + 9) / (40 + 9)
+    assert rows[("full", "float32")]["bytes_fraction"] == 1.0
+    assert rows[("full", "int8")]["bytes_fraction"] == pytest.approx((2 * (16 + 4) + 9) / (2 * 16 * 4 + 9), rel=1e-3)
+    assert "| h2o | int8 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+    monkeypatch.setattr(quantized_budget, "perplexity", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
+    assert len(quantized_budget.main(argv)) == 4
