@@ -7,6 +7,8 @@ kvjax.data (packed batches) and kvjax.train (the loop; imported on its own).
 A policy implements `Policy.update` (the general tier) or is a `score` on
 `kvjax.policies.ScorerPolicy` (the common tier); see kvjax.policies.
 kvjax.sharding places a model and its cache on a (data, model) device mesh.
+kvjax.quant holds the slot storage formats (int8, fp8, bfloat16) that any policy
+takes through `kv_dtype` (`kvjax.policies.Quantized`).
 """
 
 from kvjax import calibrate, data, evaluate, policies, retrofit, rope, sharding
