@@ -39,7 +39,7 @@ import models
 from experiments.results import write_json
 from kvjax import select
 from kvjax.quant import FORMATS
-from kvjax.policies.scorer import ScorerPolicy, at_original_positions
+from kvjax.policies.scorer import ScorerPolicy
 from kvjax.run import forward_chunk
 from models import Llama, LlamaConfig
 
@@ -55,17 +55,11 @@ class RingWrite(ScorerPolicy):
 
     name = "ring_write"
 
-    def update(self, cache, layer, q, k, v, step, attn, rotate=at_original_positions):
-        lc = cache.layers[layer]
-        q, k_rot, k_store, k_cached = rotate(attn, lc, q, k, step)
-        out, _ = attn(q, k_cached, lc.v, lc.valid, k_rot, v, step)
-        target = select.after(jnp.broadcast_to((step.seen % lc.slots)[:, None], lc.valid.shape[:2]), out, lc.slots)
-        written = lc.replace(
-            k=select.write_slot(lc.k, target, k_store[:, 0]), v=select.write_slot(lc.v, target, v[:, 0]),
-            pos=select.write_slot(lc.pos, target, jnp.broadcast_to(step.positions[:, :1], target.shape)),
-            valid=select.write_slot(lc.valid, target, jnp.broadcast_to(step.new_valid[:, :1], target.shape)),
-        )
-        return out, cache.replace_layer(layer, written)
+    def keep(self, lc, cand, score, rank, step):
+        target = select.after(jnp.broadcast_to((step.seen % lc.slots)[:, None], lc.valid.shape[:2]), cand.attended, lc.slots)
+        stored = {name: select.write_slot(getattr(lc, name), target, new[:, :, 0]) for name, new in cand.new_as_stored().items()}
+        return lc.replace(**stored, pos=select.write_slot(lc.pos, target, cand.pos[..., lc.slots]),
+                          valid=select.write_slot(lc.valid, target, cand.valid[..., lc.slots]))
 
 
 def make_policy(name: str, capacity: int, kv_dtype: str | None = None) -> kvjax.Policy:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from beartype import beartype
 from einops import rearrange
-from jaxtyping import Array, Bool, Float, Int, jaxtyped
+from jaxtyping import Array, Bool, Float, Int, Shaped, jaxtyped
 
 from kvjax.rope import Rope
 from kvjax.sharding import per_shard
@@ -45,8 +45,8 @@ def resolve_impl(impl: str) -> str:
 @jaxtyped(typechecker=beartype)
 def attention(
     q: Float[Array, "B S Hq D"],
-    k_cache: Float[Array, "B H C D"],
-    v_cache: Float[Array, "B H C D"],
+    k_cache: Shaped[Array, "B H C D"],
+    v_cache: Shaped[Array, "B H C D"],
     cache_valid: Bool[Array, "B H C"],
     k_new: Float[Array, "B S H D"],
     v_new: Float[Array, "B S H D"],
@@ -58,6 +58,8 @@ def attention(
     max_distance: int | None = None,
     cache_pos: Int[Array, "B H C"] | None = None,
     q_pos: Int[Array, "B S"] | None = None,
+    k_scale: Float[Array, "B H C"] | None = None,
+    v_scale: Float[Array, "B H C"] | None = None,
     impl: str = "auto",
 ) -> tuple[Float[Array, "B S Hq D"], Float[Array, "B H N"] | None]:
     """Softmax attention of `q` over valid cache slots and causally over the chunk.
@@ -70,6 +72,9 @@ def attention(
     Returns the output and, if `stat_weights` is given, the attention mass per
     key, `mass[b, h, n] = sum_{g, s} w[b, s] * p[b, h*G+g, s, n]`, over the
     candidates n = (C cache slots, then S chunk tokens).
+
+    Slots stored narrow (int8 / fp8, `kvjax.quant`) come with their per-slot
+    `k_scale` / `v_scale`; both paths read them as stored and scale inside.
     """
     impl = resolve_impl(impl)
     b, s, hq, d = q.shape
@@ -79,7 +84,8 @@ def attention(
     g = hq // h
     rows = rearrange(q, "b s (h g) d -> b h (s g) d", h=h)  # row r = s * g + (head in group)
     arrays = dict(q=rows, k_cache=k_cache, v_cache=v_cache, cache_valid=cache_valid, k_new=k_new.transpose(0, 2, 1, 3),
-                  v_new=v_new.transpose(0, 2, 1, 3), new_valid=new_valid, cache_pos=cache_pos, q_pos=q_pos, stat_weights=stat_weights)
+                  v_new=v_new.transpose(0, 2, 1, 3), new_valid=new_valid, cache_pos=cache_pos, q_pos=q_pos, stat_weights=stat_weights,
+                  k_scale=k_scale, v_scale=v_scale)
     settings = dict(group=g, scale=scale, softcap=softcap, max_distance=max_distance)
     if impl == "pallas":  # XLA partitions the reference itself; a Pallas call runs per shard
         out, _, mass = per_shard(lambda **a: cache_attention(**a, **settings), arrays, batch=b, heads=h)
@@ -103,14 +109,17 @@ class LayerAttention:
     softcap: float | None = None
     sliding_window: int | None = None
 
-    def __call__(self, q, k_cache, v_cache, cache_valid, k_new, v_new, step: Step, *, stat_weights=None, cache_pos=None):
+    def __call__(self, q, k_cache, v_cache, cache_valid, k_new, v_new, step: Step, *, stat_weights=None, cache_pos=None,
+                 k_scale=None, v_scale=None):
         """`attention` of rotated chunk queries over (cache slots + chunk) with this layer's settings;
-        `cache_pos` (the slots' positions) is needed by sliding-window layers only."""
+        `cache_pos` (the slots' positions) is needed by sliding-window layers only; `k_scale` /
+        `v_scale` come with narrow slots."""
         windowed = self.sliding_window is not None
         return attention(
             q, k_cache, v_cache, cache_valid, k_new, v_new, step.new_valid, scale=self.scale, softcap=self.softcap,
             stat_weights=stat_weights, max_distance=self.sliding_window - 1 if windowed else None,
-            cache_pos=cache_pos if windowed else None, q_pos=step.positions if windowed else None, impl=step.impl,
+            cache_pos=cache_pos if windowed else None, q_pos=step.positions if windowed else None, k_scale=k_scale,
+            v_scale=v_scale, impl=step.impl,
         )
 
 

@@ -69,9 +69,9 @@ def keep_best(lc: LayerCache, cand, score: Float[Array, "B H N"], rank_: Float[A
     if cand.k_new.shape[2] == 1:
         drop = evict_index(rank_, cand.pos)
         target = after(jnp.where((drop < c) & step.new_valid, drop, c), cand.attended, c)  # c = out of range: no write
-        return LayerCache(
-            k=write_slot(lc.k, target, cand.k_new[:, :, 0]),
-            v=write_slot(lc.v, target, cand.v_new[:, :, 0]),
+        stored = {name: write_slot(getattr(lc, name), target, new[:, :, 0]) for name, new in cand.new_as_stored().items()}
+        return lc.replace(
+            **stored,
             pos=write_slot(lc.pos, target, cand.pos[..., c]),
             valid=write_slot(lc.valid, target, cand.valid[..., c]),
             score=write_slot(score[..., :c], target, score[..., c]),

@@ -10,6 +10,10 @@ The attention mass a scoring policy needs is a second, light kernel per region
 (`region_mass`) that reads K again once every row's final lse is known; no
 [rows, keys] array is ever written to memory.
 
+Narrow slots: `k_cache` / `v_cache` may be int8 or fp8 with per-slot f32
+`k_scale` / `v_scale` (`kvjax.quant`); the kernels read them as stored and
+apply the scales inside (`blocks.scores`, `blocks.online_update`).
+
 Positions: cached keys already carry RoPE at their slot's position (or at the
 cache position, for policies that re-rotate), so the kernels never rotate;
 positions enter only through `max_distance` (sliding-window layers).
@@ -57,8 +61,8 @@ def _splits(num_splits: int | None, programs: int, batch: int, heads: int, row_b
 
 def cache_attention(
     q: Float[Array, "B H R D"],
-    k_cache: Float[Array, "B H C D"],
-    v_cache: Float[Array, "B H C D"],
+    k_cache: Array,
+    v_cache: Array,
     cache_valid: Bool[Array, "B H C"],
     k_new: Float[Array, "B H S D"],
     v_new: Float[Array, "B H S D"],
@@ -71,6 +75,8 @@ def cache_attention(
     cache_pos: Int[Array, "B H C"] | None = None,
     q_pos: Int[Array, "B S"] | None = None,
     stat_weights: Float[Array, "B S"] | None = None,
+    k_scale: Float[Array, "B H C"] | None = None,
+    v_scale: Float[Array, "B H C"] | None = None,
     backend: str | None = None,
     interpret: bool | None = None,
     block_r: int | None = None,
@@ -87,7 +93,7 @@ def cache_attention(
     reads K again with the final lse and writes [B, H, C + S] floats.
     """
     check_inputs(q, k_cache, v_cache, cache_valid, k_new, v_new, new_valid, group=group, max_distance=max_distance,
-                 cache_pos=cache_pos, q_pos=q_pos, stat_weights=stat_weights)
+                 cache_pos=cache_pos, q_pos=q_pos, stat_weights=stat_weights, k_scale=k_scale, v_scale=v_scale)
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -103,20 +109,24 @@ def cache_attention(
     row_pos = (q_pos[:, token] if windowed else jnp.zeros((b, rows), i32))[..., None].astype(i32)
     chunk_pos = q_pos if windowed else jnp.zeros((b, s), i32)
     chunk_valid = jnp.broadcast_to(new_valid[:, None, :], (b, h, s))
-    regions = [  # (keys, values, valid, positions, causal)
-        (k_cache, v_cache, cache_valid, cache_pos if windowed else jnp.zeros((b, h, c), i32), False),
-        (k_new, v_new, chunk_valid, jnp.broadcast_to(chunk_pos[:, None, :], (b, h, s)), True),
+    unit = lambda n: jnp.ones((b, h, 1, n), jnp.float32)  # noqa: E731
+    as_row = lambda x, n: unit(n) if x is None else x[:, :, None, :].astype(jnp.float32)  # noqa: E731
+    regions = [  # (keys, values, valid, positions, causal, key and value scales)
+        (k_cache, v_cache, cache_valid, cache_pos if windowed else jnp.zeros((b, h, c), i32), False,
+         as_row(k_scale, c), as_row(v_scale, c)),
+        (k_new, v_new, chunk_valid, jnp.broadcast_to(chunk_pos[:, None, :], (b, h, s)), True, unit(s), unit(s)),
     ]
     kernels = BACKENDS[backend]
     programs = blocks_for(backend).programs
     calls, parts = [], []
-    for keys, values, valid, pos, causal in regions:
+    for keys, values, valid, pos, causal, key_scale, value_scale in regions:
         br, bk = _blocks(backend, rows, keys.shape[2], block_r, block_k, compiled=not interpret)
         cfg = Region(
             group=group, causal=causal, scale=scale, softcap=softcap, max_distance=max_distance, block_r=br, block_k=bk,
             num_splits=1 if causal else _splits(num_splits, programs, b, h, -(-rows // br), decode=s == 1),
         )
-        inputs = (q, keys, values, valid[:, :, None, :].astype(i32), pos[:, :, None, :].astype(i32), row_pos, extent(valid))
+        inputs = (q, keys, values, valid[:, :, None, :].astype(i32), pos[:, :, None, :].astype(i32), row_pos, extent(valid),
+                  key_scale, value_scale)
         calls.append((inputs, cfg))
         parts.append(kernels.region_attention(inputs, cfg, interpret=interpret))
     out, lse = combine(*(jnp.concatenate(x, axis=2) for x in zip(*parts)))

@@ -6,6 +6,11 @@ max `m`, the running normaliser `l` and the unnormalised output `acc`
 regions (cache slots, the chunk itself) are merged afterwards by `combine`, a
 log-sum-exp over partial results (flash-decoding). Row vectors stay 2-D
 (`[rows, 1]`) because Mosaic lays out 1-D vectors poorly.
+
+Narrow slots (int8 / fp8 with one f32 scale per key, `kvjax.quant`) are read
+from memory as stored and widened in the block: a key's scale multiplies its
+logit column and a value's scale its probability column, so the scales stay
+lane-dense `[1, keys]` rows and no dequantized block is ever written back.
 """
 
 from __future__ import annotations
@@ -18,15 +23,24 @@ from pallas_kernels.shapes import Array, Bool, Float, Int
 F32 = jnp.float32
 
 
-def scores(q: Float[Array, "R D"], k: Float[Array, "K D"], scale: float, softcap: float | None) -> Float[Array, "R K"]:
-    """Scaled (and optionally soft-capped, `c * tanh(s / c)`) logits in f32.
+def widen(x: Array, like: Array) -> Array:
+    """`x` in `like`'s dtype when it is stored narrower (int8, fp8, or bf16 slots under f32 queries)."""
+    return x if x.dtype == like.dtype else x.astype(F32).astype(like.dtype)
+
+
+def scores(q: Float[Array, "R D"], k: Array, scale: float, softcap: float | None,
+           k_scale: Float[Array, "1 K"] | None = None) -> Float[Array, "R K"]:
+    """Scaled (and optionally soft-capped, `c * tanh(s / c)`) logits in f32; `k_scale` is each
+    stored key's dequantization scale (q . (k_data * s_k) = (q . k_data) * s_k).
 
     Key blocks of fewer than 8 rows (the chunk region of a decode step: one key)
     are multiplied in f32, which is exact: Mosaic rejects the bf16 -> f32
     broadcast it would emit for them ("vector.broadcast ... same element type")."""
+    k = widen(k, q)
     if k.shape[0] < 8:
         q, k = q.astype(F32), k.astype(F32)
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=F32) * scale
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+    s = s * scale if k_scale is None else s * (k_scale * scale)
     return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
@@ -51,8 +65,11 @@ def visible(
     return ok
 
 
-def online_update(carry, s: Float[Array, "R K"], ok: Bool[Array, "R K"], v: Float[Array, "K D"], v_ok: Bool[Array, "K 1"]):
-    """One key block of online softmax; fully masked rows keep m = -inf and l = 0."""
+def online_update(carry, s: Float[Array, "R K"], ok: Bool[Array, "R K"], v: Array, v_ok: Bool[Array, "K 1"],
+                  v_scale: Float[Array, "1 K"] | None = None):
+    """One key block of online softmax; fully masked rows keep m = -inf and l = 0. `v` comes
+    widened to the queries' dtype (`widen`); a stored value's scale multiplies its probability
+    column (p . (v_data * s_v) = (p * s_v) . v_data)."""
     m, l, acc = carry
     s = jnp.where(ok, s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(-1, keepdims=True))
@@ -60,7 +77,8 @@ def online_update(carry, s: Float[Array, "R K"], ok: Bool[Array, "R K"], v: Floa
     p = jnp.exp(s - m_safe)
     alpha = jnp.exp(m - m_safe)
     v = jnp.where(v_ok, v, jnp.zeros_like(v))  # out-of-bounds rows may hold NaN
-    acc = alpha * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=F32)
+    pv = p if v_scale is None else jnp.where(ok, p * v_scale, 0.0)  # scales past the array may be NaN
+    acc = alpha * acc + jnp.dot(pv.astype(v.dtype), v, preferred_element_type=F32)
     return m_new, alpha * l + p.sum(-1, keepdims=True), acc
 
 

@@ -18,7 +18,8 @@ def _shape(name: str, x, want: tuple, meaning: str) -> None:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected ({shown}) = {meaning}")
 
 
-def check_inputs(q, k_cache, v_cache, cache_valid, k_new, v_new, new_valid, *, group, max_distance, cache_pos, q_pos, stat_weights) -> None:
+def check_inputs(q, k_cache, v_cache, cache_valid, k_new, v_new, new_valid, *, group, max_distance, cache_pos, q_pos, stat_weights,
+                 k_scale=None, v_scale=None) -> None:
     """Shapes and dtypes of `cache_attention`'s arguments (see its docstring for their meaning)."""
     if q.ndim != 4:
         raise ValueError(f"q has shape {tuple(q.shape)}, expected 4 axes [batch, kv_heads, rows, head_dim]; {_LAYOUT}")
@@ -36,9 +37,10 @@ def check_inputs(q, k_cache, v_cache, cache_valid, k_new, v_new, new_valid, *, g
     for name, x in (("cache_valid", cache_valid), ("new_valid", new_valid)):
         if x.dtype != jnp.bool_:
             raise TypeError(f"{name} has dtype {x.dtype}; pass a bool mask (e.g. {name} != 0)")
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
+    for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+        if x.dtype not in WIDE:
             raise TypeError(f"{name} has dtype {x.dtype}; attention needs floating inputs (bfloat16 or float32)")
+    _check_scales(k_cache, v_cache, k_scale, v_scale, (b, h, c))
     if k_cache.dtype != v_cache.dtype or k_new.dtype != v_new.dtype:
         raise TypeError(f"keys and values differ in dtype ({k_cache.dtype}/{v_cache.dtype}, {k_new.dtype}/{v_new.dtype}); cast them to one")
     if max_distance is not None:
@@ -48,6 +50,29 @@ def check_inputs(q, k_cache, v_cache, cache_valid, k_new, v_new, new_valid, *, g
         _shape("q_pos", q_pos, (b, s), "[batch, chunk tokens]")
     if stat_weights is not None:
         _shape("stat_weights", stat_weights, (b, s), "[batch, chunk tokens] (one weight per query token)")
+
+
+WIDE = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+NARROW = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+
+
+def _check_scales(k_cache, v_cache, k_scale, v_scale, want: tuple) -> None:
+    """Slots are float, or narrow (int8 / fp8, `kvjax.quant`) with one f32 scale per (row, head, slot) for k and v."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("pass k_scale and v_scale together (a narrow cache scales both k and v)")
+    if k_scale is None:
+        for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if x.dtype not in WIDE:
+                raise TypeError(f"{name} has dtype {x.dtype}: narrow slots need their scales; pass k_scale and v_scale "
+                                "[batch, kv_heads, capacity] (kvjax.quant), or float slots")
+        return
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dtype not in WIDE + NARROW:
+            raise TypeError(f"{name} has dtype {x.dtype}; slots are float32 / bfloat16, or int8 / float8_e4m3fn with scales")
+    for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+        _shape(name, x, want, "[batch, kv_heads, capacity], one scale per slot")
+        if x.dtype != jnp.float32:
+            raise TypeError(f"{name} has dtype {x.dtype}; scales are float32")
 
 
 def check_blocks(backend: str, block_r: int, block_k: int, rows: int, keys: int, *, compiled: bool) -> None:

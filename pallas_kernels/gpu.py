@@ -18,12 +18,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import F32, online_update, scores, visible, weighted_mass
+from pallas_kernels.blocks import F32, online_update, scores, visible, weighted_mass, widen
 from pallas_kernels.region import Inputs, MassInputs, Partials, Region, layout
 from pallas_kernels.shapes import Array, Float
 
 
-def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_ref, l_ref, *, cfg: Region, n: int, rows: int, per_split: int):
+def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, ks_ref, vs_ref, o_ref, m_ref, l_ref, *, cfg: Region, n: int, rows: int, per_split: int):
     r, sp = pl.program_id(2), pl.program_id(3)
     bk, br = cfg.block_k, cfg.block_r
     base = sp * per_split * bk
@@ -38,11 +38,11 @@ def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_r
         block = pl.ds(kb * bk, bk)
         start = base + kb * bk
         col = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        s = scores(q, k_ref[block, :], cfg.scale, cfg.softcap)
+        s = scores(q, k_ref[block, :], cfg.scale, cfg.softcap, ks_ref[:, block])
         ok = visible(row, col, ok_ref[:, block] != 0, n, group=cfg.group, causal=cfg.causal,
                      q_pos=q_pos, k_pos=kpos_ref[:, block], max_distance=cfg.max_distance)
         v_ok = start + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < n
-        return online_update(carry, s, ok, v_ref[block, :], v_ok)
+        return online_update(carry, s, ok, widen(v_ref[block, :], q), v_ok, vs_ref[:, block])
 
     init = (jnp.full((br, 1), -jnp.inf, F32), jnp.zeros((br, 1), F32), jnp.zeros((br, q.shape[-1]), F32))
     m, l, acc = jax.lax.fori_loop(0, hi, body, init)
@@ -51,7 +51,7 @@ def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_r
 
 def region_attention(inputs: Inputs, cfg: Region, *, interpret=False) -> Partials:
     """One region's partial softmax on GPU (see `region.py` for the contract)."""
-    q, k, v, key_ok, k_pos, q_pos, ext = inputs
+    q, k, v, key_ok, k_pos, q_pos, ext, k_scale, v_scale = inputs
     b, h, rows, d = q.shape
     n = k.shape[2]
     splits, per_split = layout(n, cfg.block_k, cfg.num_splits, pow2=True)
@@ -70,20 +70,21 @@ def region_attention(inputs: Inputs, cfg: Region, *, interpret=False) -> Partial
             pl.BlockSpec((None, None, br, d), lambda b_, h_, r_, sp: (b_, h_, r_, 0)),
             kv_spec, kv_spec, mask_spec, mask_spec,
             pl.BlockSpec((None, br, 1), lambda b_, h_, r_, sp: (b_, r_, 0)),
+            mask_spec, mask_spec,
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="kvjax_region_attention_gpu",
-    )(ext, q, k, v, key_ok, k_pos, q_pos))
+    )(ext, q, k, v, key_ok, k_pos, q_pos, k_scale, v_scale))
 
 
-def _mass_kernel(ext_ref, q_ref, k_ref, ok_ref, kpos_ref, qpos_ref, lse_ref, w_ref, mass_ref, *, cfg: Region, n: int, rows: int, block_r: int, row_blocks: int):
+def _mass_kernel(ext_ref, q_ref, k_ref, ok_ref, kpos_ref, qpos_ref, ks_ref, lse_ref, w_ref, mass_ref, *, cfg: Region, n: int, rows: int, block_r: int, row_blocks: int):
     bk = cfg.block_k
     start = pl.program_id(2) * bk
     col = start + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    k, key_ok, k_pos = k_ref[...], ok_ref[...] != 0, kpos_ref[...]
+    k, key_ok, k_pos, k_scale = k_ref[...], ok_ref[...] != 0, kpos_ref[...], ks_ref[...]
     # rows of tokens before `start` see none of this block's chunk keys (causal)
     first = (start * cfg.group) // block_r if cfg.causal else 0
     last = jnp.where(start < ext_ref[...], row_blocks, 0)  # blocks past the extent hold no valid key
@@ -93,7 +94,7 @@ def _mass_kernel(ext_ref, q_ref, k_ref, ok_ref, kpos_ref, qpos_ref, lse_ref, w_r
         row = rb * block_r + jax.lax.broadcasted_iota(jnp.int32, (block_r, 1), 0)
         ok = visible(row, col, key_ok, n, group=cfg.group, causal=cfg.causal, q_pos=qpos_ref[block, :],
                      k_pos=k_pos, max_distance=cfg.max_distance)
-        s = scores(q_ref[block, :], k, cfg.scale, cfg.softcap)
+        s = scores(q_ref[block, :], k, cfg.scale, cfg.softcap, k_scale)
         return acc + weighted_mass(s, ok, lse_ref[block, :], w_ref[block, :], row, rows)
 
     mass_ref[...] = jax.lax.fori_loop(first, last, body, jnp.zeros((1, bk), F32))
@@ -105,7 +106,7 @@ def region_mass(inputs: Inputs, stats: MassInputs, cfg: Region, *, interpret=Fal
     One program per (batch, kv_head, key block) loops over the row blocks (Triton
     has no sequential grid axis to accumulate over); all rows are one block of
     a power-of-two length, sliced inside."""
-    q, k, _, key_ok, k_pos, q_pos, ext = inputs
+    q, k, _, key_ok, k_pos, q_pos, ext, k_scale, _ = inputs
     lse, w = stats
     b, h, rows, d = q.shape
     n = k.shape[2]
@@ -124,12 +125,12 @@ def region_mass(inputs: Inputs, stats: MassInputs, cfg: Region, *, interpret=Fal
             pl.BlockSpec((None, None), lambda b_, h_, kb: (b_, h_)),
             row_spec(d),
             pl.BlockSpec((None, None, bk, d), lambda b_, h_, kb: (b_, h_, kb, 0)),
-            key_spec, key_spec, token_spec, row_spec(1), token_spec,
+            key_spec, key_spec, token_spec, key_spec, row_spec(1), token_spec,
         ],
         out_specs=key_spec,
         out_shape=jax.ShapeDtypeStruct((b, h, 1, nkb * bk), F32),
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="kvjax_region_mass_gpu",
-    )(ext, q, k, key_ok, k_pos, q_pos, lse, w)
+    )(ext, q, k, key_ok, k_pos, q_pos, k_scale, lse, w)
     return mass[:, :, 0, :n]

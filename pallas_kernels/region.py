@@ -37,12 +37,14 @@ class Region:
 
 Inputs = tuple[
     Float[Array, "B H R D"],  # q rows
-    Float[Array, "B H N D"],  # k
-    Float[Array, "B H N D"],  # v
+    Array,  # k [B, H, N, D] as stored: float, or int8 / fp8 with k_scale
+    Array,  # v [B, H, N, D]
     Int[Array, "B H 1 N"],  # key_ok (int32: 1 valid, 0 not)
     Int[Array, "B H 1 N"],  # k_pos
     Int[Array, "B R 1"],  # q_pos per row
     Int[Array, "B H"],  # extent: one past the last valid key
+    Float[Array, "B H 1 N"],  # k_scale: each stored key's dequantization scale (1 for unscaled keys)
+    Float[Array, "B H 1 N"],  # v_scale
 ]
 
 Partials = tuple[

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.blocks import F32, online_update, scores, visible, weighted_mass
+from pallas_kernels.blocks import F32, online_update, scores, visible, weighted_mass, widen
 from pallas_kernels.region import Inputs, MassInputs, Partials, Region, layout
 from pallas_kernels.shapes import Array, Float
 
@@ -31,7 +31,7 @@ def _live(start, ext, r, cfg: Region, rows: int):
     return live
 
 
-def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_ref, l_ref, m_sc, l_sc, acc_sc, *, cfg: Region, n: int, rows: int, per_split: int):
+def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, ks_ref, vs_ref, o_ref, m_ref, l_ref, m_sc, l_sc, acc_sc, *, cfg: Region, n: int, rows: int, per_split: int):
     b, h, r, sp, kb = (pl.program_id(i) for i in range(5))
     start = (sp * per_split + kb) * cfg.block_k
 
@@ -45,11 +45,12 @@ def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_r
     def _compute():
         row = r * cfg.block_r + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_r, 1), 0)
         col = start + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
-        s = scores(q_ref[...], k_ref[...], cfg.scale, cfg.softcap)
+        q = q_ref[...]
+        s = scores(q, k_ref[...], cfg.scale, cfg.softcap, ks_ref[...])
         ok = visible(row, col, ok_ref[...] != 0, n, group=cfg.group, causal=cfg.causal,
                      q_pos=qpos_ref[...], k_pos=kpos_ref[...], max_distance=cfg.max_distance)
         v_ok = start + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_k, 1), 0) < n
-        m, l, acc = online_update((m_sc[...], l_sc[...], acc_sc[...]), s, ok, v_ref[...], v_ok)
+        m, l, acc = online_update((m_sc[...], l_sc[...], acc_sc[...]), s, ok, widen(v_ref[...], q), v_ok, vs_ref[...])
         m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
 
     @pl.when(kb == per_split - 1)
@@ -59,7 +60,7 @@ def _kernel(ext_ref, q_ref, k_ref, v_ref, ok_ref, kpos_ref, qpos_ref, o_ref, m_r
 
 def region_attention(inputs: Inputs, cfg: Region, *, interpret=False) -> Partials:
     """One region's partial softmax on TPU (see `region.py` for the contract)."""
-    q, k, v, key_ok, k_pos, q_pos, ext = inputs
+    q, k, v, key_ok, k_pos, q_pos, ext, k_scale, v_scale = inputs
     b, h, rows, d = q.shape
     n = k.shape[2]
     splits, per_split = layout(n, cfg.block_k, cfg.num_splits)
@@ -81,6 +82,7 @@ def region_attention(inputs: Inputs, cfg: Region, *, interpret=False) -> Partial
             pl.BlockSpec((None, None, br, d), lambda b_, h_, r_, sp, kb, e: (b_, h_, r_, 0)),
             kv_spec, kv_spec, mask_spec, mask_spec,
             pl.BlockSpec((None, br, 1), lambda b_, h_, r_, sp, kb, e: (b_, r_, 0)),
+            mask_spec, mask_spec,
         ],
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((br, 1), F32), pltpu.VMEM((br, 1), F32), pltpu.VMEM((br, d), F32)],
@@ -93,10 +95,10 @@ def region_attention(inputs: Inputs, cfg: Region, *, interpret=False) -> Partial
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 4 + ("arbitrary",)),
         interpret=interpret,
         name="kvjax_region_attention_tpu",
-    )(ext, q, k, v, key_ok, k_pos, q_pos))
+    )(ext, q, k, v, key_ok, k_pos, q_pos, k_scale, v_scale))
 
 
-def _mass_kernel(ext_ref, q_ref, k_ref, ok_ref, kpos_ref, qpos_ref, lse_ref, w_ref, mass_ref, *, cfg: Region, n: int, rows: int):
+def _mass_kernel(ext_ref, q_ref, k_ref, ok_ref, kpos_ref, qpos_ref, ks_ref, lse_ref, w_ref, mass_ref, *, cfg: Region, n: int, rows: int):
     b, h, kb, r = (pl.program_id(i) for i in range(4))
     start = kb * cfg.block_k
 
@@ -110,7 +112,7 @@ def _mass_kernel(ext_ref, q_ref, k_ref, ok_ref, kpos_ref, qpos_ref, lse_ref, w_r
         col = start + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)
         ok = visible(row, col, ok_ref[...] != 0, n, group=cfg.group, causal=cfg.causal,
                      q_pos=qpos_ref[...], k_pos=kpos_ref[...], max_distance=cfg.max_distance)
-        s = scores(q_ref[...], k_ref[...], cfg.scale, cfg.softcap)
+        s = scores(q_ref[...], k_ref[...], cfg.scale, cfg.softcap, ks_ref[...])
         mass_ref[...] += weighted_mass(s, ok, lse_ref[...], w_ref[...], row, rows)
 
 
@@ -120,7 +122,7 @@ def region_mass(inputs: Inputs, stats: MassInputs, cfg: Region, *, interpret=Fal
     Grid (batch, kv_head, key block, row block): row blocks run innermost and
     sequentially, accumulating into the key block's resident output; key
     blocks past the extent are neither fetched (clamped index) nor computed."""
-    q, k, _, key_ok, k_pos, q_pos, ext = inputs
+    q, k, _, key_ok, k_pos, q_pos, ext, k_scale, _ = inputs
     lse, w = stats
     b, h, rows, d = q.shape
     n = k.shape[2]
@@ -140,6 +142,7 @@ def region_mass(inputs: Inputs, stats: MassInputs, cfg: Region, *, interpret=Fal
             pl.BlockSpec((None, None, bk, d), lambda *i: (i[0], i[1], key_block(*i), 0)),
             mask_spec, mask_spec,
             pl.BlockSpec((None, br, 1), lambda b_, h_, kb, r_, e: (b_, r_, 0)),
+            mask_spec,
             row_spec(1),
             pl.BlockSpec((None, br, 1), lambda b_, h_, kb, r_, e: (b_, r_, 0)),
         ],
@@ -152,5 +155,5 @@ def region_mass(inputs: Inputs, stats: MassInputs, cfg: Region, *, interpret=Fal
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3 + ("arbitrary",)),
         interpret=interpret,
         name="kvjax_region_mass_tpu",
-    )(ext, q, k, key_ok, k_pos, q_pos, lse, w)
+    )(ext, q, k, key_ok, k_pos, q_pos, k_scale, lse, w)
     return mass[:, :, 0, :n]

@@ -133,12 +133,14 @@ def test_cache_buffers_are_donated(model):
 IN_PLACE = ["full", "window", "streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "dmc"]
 
 
-@pytest.mark.parametrize("name", IN_PLACE)
-def test_compiled_decode_step_writes_the_cache_in_place(model, name):
+@pytest.mark.parametrize(("name", "kv_dtype"), [(n, None) for n in IN_PLACE] + [(n, "int8") for n in IN_PLACE if n != "dmc"])
+def test_compiled_decode_step_writes_the_cache_in_place(model, name, kv_dtype):
     """With the cache donated, the compiled decode step copies no K/V buffer (an HLO `copy` of the
     [1, kv_heads, 96, head_dim] shape would be one) and its outputs alias at least every K and V
-    buffer: a step writes its slot where the cache lives, whatever decides the slot."""
-    cache = model.cache_spec().init(make_policy(name, 96), 1)
+    buffer: a step writes its slot where the cache lives, whatever decides the slot. So do int8
+    slots under the scorer tier (`Quantized` keeps them as stored; DMC runs on a dequantized view)."""
+    policy = make_policy(name, 96)
+    cache = model.cache_spec().init(kvjax.policies.Quantized(policy, kv_dtype) if kv_dtype else policy, 1)
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda st, c, t: forward_chunk(nnx.merge(graphdef, st), t, t > 0, c, jax.random.key(0), prefill=False),
                    donate_argnums=1)

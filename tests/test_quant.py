@@ -15,6 +15,7 @@ from flax import nnx
 import kvjax
 from kvjax.plan import plan_capacity, slot_bytes
 from kvjax.policies import Quantized
+from kvjax.policies.scorer import keeps_slots_as_stored
 from kvjax.quant import FORMATS, slot_format
 from models import Llama, LlamaConfig
 from tests.test_policies import make_policy
@@ -144,6 +145,45 @@ def test_pallas_and_xla_agree_on_an_int8_cache(model):
         np.testing.assert_array_equal(np.asarray(a.pos), np.asarray(b.pos))
         np.testing.assert_allclose(np.asarray(a.k_scale), np.asarray(b.k_scale), rtol=1e-5)
         assert np.abs(np.asarray(a.k, np.int32) - np.asarray(b.k, np.int32)).max() <= 1  # a rounding tie at most
+
+
+class OnView(Quantized):
+    """The wrapper's general path for any policy: the step on a dequantized view, quantized back."""
+
+    def update(self, cache, layer, q, k, v, step, attn):
+        return self.update_on_view(cache, layer, q, k, v, step, attn)
+
+
+NATIVE = [("full", {}), ("h2o", {}), ("tova", {}), ("snapkv", dict(window=2, kernel=3)), ("knorm", {}), ("streaming_llm", dict(sinks=2))]
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8", "bfloat16"])
+@pytest.mark.parametrize(("name", "options"), NATIVE)
+def test_scorer_policies_keep_narrow_slots_as_the_view_path_does(model, name, options, kv_dtype):
+    """Scorer policies run with their slots narrow (attention reads them as stored; only kept
+    chunk tokens are quantized); the result equals the general path's, which dequantizes the
+    layer, runs the policy and quantizes it back: same NLL to float tolerance, same kept tokens."""
+    inner = kvjax.policies.make(name, capacity=64 if name == "full" else 12, **options)
+    assert keeps_slots_as_stored(inner)
+    tokens = jax.random.randint(jax.random.key(8), (2, 40), 1, 256)
+    results = []
+    for policy in (Quantized(inner, kv_dtype), OnView(inner, kv_dtype)):
+        nll, cache = kvjax.evaluate.stream_nll(model, tokens, policy=policy, chunk_size=8, impl="xla", with_cache=True)
+        results.append((np.asarray(nll), cache))
+    (nll, native), (nll_view, view) = results
+    np.testing.assert_allclose(nll, nll_view, atol=2e-4)
+    for a, b in zip(native.layers, view.layers):
+        assert a.k.dtype == b.k.dtype == slot_format(kv_dtype).dtype
+        np.testing.assert_array_equal(np.asarray(a.pos), np.asarray(b.pos))
+        valid = np.asarray(a.valid)
+        for field in ("k", "v"):
+            np.testing.assert_allclose(np.asarray(getattr(a, field).astype(jnp.float32))[valid],
+                                       np.asarray(getattr(b, field).astype(jnp.float32))[valid], atol=1.0, rtol=2e-2)
+
+
+def test_only_the_scorer_tier_keeps_slots_as_stored():
+    assert not any(keeps_slots_as_stored(kvjax.policies.make(n, capacity=64)) for n in ("kvmerger", "bct", "pod", "dmc"))
+    assert not keeps_slots_as_stored(kvjax.policies.make("streaming_llm", capacity=16, rerotate=True))
 
 
 CFG = LlamaConfig.tiny(num_layers=4)

@@ -24,6 +24,7 @@ import kvjax
 from kvjax.retrofit import dmc_loss
 from kvjax.train import train_step
 from models import Llama, LlamaConfig
+from kvjax.quant import FORMATS
 from pallas_kernels import cache_attention
 from pallas_kernels.tuning import blocks_for, target_platform
 
@@ -69,6 +70,37 @@ def test_kernel_lowers_to_mosaic(chip_name, kind, dtype, head_dim, heads, option
 
     text = exported_for_tpu(run, *args, kind=CHIPS[chip_name], **extras)
     assert text.count(MOSAIC) == (4 if opts.get("mass") else 2)  # two regions (+ their mass passes)
+
+
+NARROW_CASES = list(itertools.product(CHIPS, ["decode", "prefill"], ["float32", "bfloat16"], ["int8", "fp8"], [64, 128], OPTIONS))
+
+
+@pytest.mark.parametrize(("chip_name", "kind", "dtype", "kv_dtype", "head_dim", "options"), NARROW_CASES)
+def test_narrow_slot_kernels_lower_to_mosaic(chip_name, kind, dtype, kv_dtype, head_dim, options):
+    """The kernels read int8 / fp8 slots and their per-slot scales as stored: the narrow type is
+    the kernel operand in the exported program (no dequantized copy is made before the call)."""
+    opts, (h, group) = OPTIONS[options], HEADS["gqa4"]
+    b, s, c, dt = 2, 1 if kind == "decode" else 64, opts["capacity"], jnp.dtype(dtype)
+    narrow = FORMATS[kv_dtype].dtype
+    args = (S((b, h, s * group, head_dim), dt), S((b, h, c, head_dim), narrow), S((b, h, c, head_dim), narrow), S((b, h, c), bool),
+            S((b, h, s, head_dim), dt), S((b, h, s, head_dim), dt), S((b, s), bool))
+    extras = dict(k_scale=S((b, h, c), jnp.float32), v_scale=S((b, h, c), jnp.float32))
+    if "window" in opts:
+        extras.update(cache_pos=S((b, h, c), jnp.int32), q_pos=S((b, s), jnp.int32))
+    if opts.get("mass"):
+        extras["stat_weights"] = S((b, s), jnp.float32)
+
+    def run(*a, **kw):
+        return cache_attention(*a, **kw, group=group, scale=head_dim**-0.5, softcap=opts.get("softcap"),
+                               max_distance=opts["window"] - 1 if "window" in opts else None)
+
+    text = exported_for_tpu(run, *args, kind=CHIPS[chip_name], **extras)
+    assert text.count(MOSAIC) == (4 if opts.get("mass") else 2)
+    assert f"{b}x{h}x{c}x{head_dim}x{MLIR_TYPE[kv_dtype]}" in text
+    assert f"{b}x{h}x{c}x{head_dim}x{MLIR_TYPE[dtype]}" not in text  # never widened outside the kernel
+
+
+MLIR_TYPE = {"int8": "i8", "fp8": "f8E4M3FN", "float32": "f32", "bfloat16": "bf16"}
 
 
 def smollm2_shaped(**kw) -> LlamaConfig:
@@ -126,11 +158,16 @@ def test_generate_lowers_to_mosaic(model, policy):
 
 @pytest.mark.parametrize(("policy", "kv_dtype"), [("h2o", "int8"), ("kvmerger", "fp8"), ("dmc", "int8")])
 def test_generate_over_quantized_slots_lowers_to_mosaic(policy, kv_dtype):
-    """Narrow slots are dequantized before the kernels (they do not read int8 / fp8 yet): the program
-    still lowers for TPU, with the narrow buffers as its cache."""
-    text = generate_program(smollm2_shaped(), policy, kv_dtype=kv_dtype)
-    assert text.count(MOSAIC) >= 4 * smollm2_shaped().num_layers
-    assert {"int8": "xi8", "fp8": "xf8E4M3FN"}[kv_dtype] in text
+    """Each program lowers for TPU with the narrow buffers as its cache. H2O's kernels read its
+    slots as stored (so do KVMerger's here: it leaves the first two layers to H2O, as the paper
+    does); DMC runs on a dequantized view (kvjax.policies.quantized), so its kernels read bf16."""
+    cfg = smollm2_shaped()
+    text = generate_program(cfg, policy, kv_dtype=kv_dtype)
+    assert text.count(MOSAIC) >= 4 * cfg.num_layers
+    narrow = f"x{MLIR_TYPE[kv_dtype]}>"
+    assert narrow in text
+    reads_narrow = sum(narrow in line for line in text.splitlines() if MOSAIC in line)
+    assert reads_narrow == (0 if policy == "dmc" else 4 * cfg.num_layers)  # decode + prefill: the slots' pass and their mass
 
 
 def test_auto_exports_the_kernels_for_tpu():

@@ -8,6 +8,7 @@ accumulated attention) and `merge`, the layer's new slots from all candidates.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -27,6 +28,8 @@ def cosine(a: Float[Array, "*B D"], b: Float[Array, "*B D"]) -> Float[Array, "*B
 @dataclasses.dataclass(frozen=True)
 class MergingPolicy(ScorerPolicy):
     """Score, then `merge` every candidate into the layer's slots."""
+
+    narrow_slots: ClassVar[bool] = False  # merges compute on slot values: narrow slots run on a dequantized view
 
     def merge(self, fields: dict[str, Array], cand: Candidates, step, slots: int) -> dict[str, Array]:
         """The layer's new slots from all candidates: `fields` holds k, v [B, H, N, D] and pos,

@@ -2,18 +2,22 @@
 
 A cross-cutting wrapper, like `KeyRerotation`: the cache allocates each layer's
 k and v in the format (int8 or fp8 with a per-(slot, KV head) scale, or
-bfloat16), and every update runs the wrapped policy on a dequantized view of
-the layer, then quantizes the layer back. So the policy's scores see the
-dequantized keys, a merging policy's merged slots are quantized again, and
-tokens are quantized when they are written (KIVI, arXiv 2402.02750, quantizes
-at the same point). Slots the update left unchanged keep their stored data and
-scale bit for bit.
+bfloat16), and tokens are quantized when they are written to a slot (KIVI,
+arXiv 2402.02750, quantizes at the same point). Two paths, one result:
 
-Deviations, named: the dequantized view is materialised in the model's dtype
-before attention (XLA path; the Pallas kernels do not read the narrow type
-yet), so a quantized cache saves memory but not decode time; and policy state
-beside the slots (POD's distant ring, DMC's accumulators) stays in the model's
-dtype.
+- Policies that run the scorer tier as it is (full, window, StreamingLLM, H2O,
+  TOVA, SnapKV, PyramidKV, KNorm, random; `keeps_slots_as_stored`): the slots
+  stay narrow through the step. Attention reads them as stored, the kernels
+  and the XLA path apply the scales inside, and a decode step quantizes and
+  writes only the new token.
+- Every other policy (merging, POD, DMC, re-rotated keys) runs on a view of
+  the layer dequantized to the model's dtype, and the layer is quantized back
+  afterwards: its scores see the dequantized keys, merged slots are quantized
+  again, and slots the update left unchanged keep their stored data and scale
+  bit for bit. That path costs a full pass over the layer each step.
+
+Deviation, named: policy state beside the slots (POD's distant ring, DMC's
+accumulators) stays in the model's dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from kvjax.policies.base import Policy
+from kvjax.policies.scorer import keeps_slots_as_stored
 from kvjax.quant import SlotFormat, slot_format
 
 
@@ -59,7 +64,7 @@ class Quantized(Policy):
         return self.inner.slots
 
     def resolve(self, spec) -> tuple[Policy, ...]:
-        return tuple(Quantized(p, self.kv_dtype) for p in self.inner.resolve(spec))
+        return tuple(type(self)(p, self.kv_dtype) for p in self.inner.resolve(spec))
 
     def init_state(self, spec, layer: int, batch: int):
         return self.inner.init_state(spec, layer, batch)
@@ -71,6 +76,12 @@ class Quantized(Policy):
         self.inner.check_length(tokens, what)
 
     def update(self, cache, layer, q, k, v, step, attn):
+        if keeps_slots_as_stored(self.inner):
+            return self.inner.update(cache, layer, q, k, v, step, attn, fmt=self.kv_format)
+        return self.update_on_view(cache, layer, q, k, v, step, attn)
+
+    def update_on_view(self, cache, layer, q, k, v, step, attn):
+        """The wrapped update on the layer dequantized to the model's dtype, then quantized back."""
         fmt = self.kv_format
         stored = cache.layers[layer]
         view = stored.replace(k=fmt.dequantize(stored.k, stored.k_scale, k.dtype),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -23,6 +23,7 @@ from jaxtyping import Array, Bool, Float, Int
 from kvjax import select
 from kvjax.cache import LayerCache
 from kvjax.policies.base import Policy, Step, check_int
+from kvjax.quant import SlotFormat
 
 if TYPE_CHECKING:
     from kvjax.attention import LayerAttention
@@ -36,8 +37,11 @@ class Candidates(NamedTuple):
     score: [B, H, N] stored score (0 for chunk tokens).
     mass:  [B, H, N] attention mass received in this chunk, if the policy asked (`stat_weights`).
     pos, valid: [B, H, N].
-    k_cache, v_cache: [B, H, C, D] the slots; k_new, v_new: [B, H, S, D] the chunk as it will be stored.
+    k_cache, v_cache: [B, H, C, D] the slots as stored (k_scale, v_scale [B, H, C] if narrow);
+    k_new, v_new: [B, H, S, D] the chunk in the model's dtype, keys as they will be stored.
     group: query heads per KV head.
+    fmt: the slots' `kvjax.quant.SlotFormat` when they are stored narrow (the chunk is
+    quantized as it is written), else None.
     """
 
     score: Float[Array, "B H N"]
@@ -50,9 +54,12 @@ class Candidates(NamedTuple):
     v_new: Float[Array, "B H S D"]
     group: int
     attended: Float[Array, "B S Hq D"]
+    k_scale: Float[Array, "B H C"] | None = None
+    v_scale: Float[Array, "B H C"] | None = None
+    fmt: SlotFormat | None = None
 
     @classmethod
-    def of(cls, lc: LayerCache, k_new, v_new, step: Step, mass, group: int, attended) -> Candidates:
+    def of(cls, lc: LayerCache, k_new, v_new, step: Step, mass, group: int, attended, fmt: SlotFormat | None = None) -> Candidates:
         """Candidates of `lc` and a chunk given as [B, S, H, D] keys (as stored) and values."""
         b, s, h, _ = k_new.shape
         return cls(
@@ -62,7 +69,7 @@ class Candidates(NamedTuple):
             valid=jnp.concatenate([lc.valid, jnp.broadcast_to(step.new_valid[:, None, :], (b, h, s))], -1),
             k_cache=lc.k, v_cache=lc.v,
             k_new=k_new.transpose(0, 2, 1, 3), v_new=v_new.transpose(0, 2, 1, 3),
-            group=group, attended=attended,
+            group=group, attended=attended, k_scale=lc.k_scale, v_scale=lc.v_scale, fmt=fmt,
         )
 
     @property
@@ -73,10 +80,18 @@ class Candidates(NamedTuple):
     def is_new(self) -> Bool[Array, " N"]:
         return jnp.arange(self.pos.shape[-1]) >= self.num_cache
 
+    def new_as_stored(self) -> dict[str, Array]:
+        """The chunk's k, v [B, H, S, D] as the slots store them (and k_scale, v_scale [B, H, S] if scaled)."""
+        if self.fmt is None:
+            return dict(k=self.k_new, v=self.v_new)
+        (k, k_scale), (v, v_scale) = self.fmt.quantize(self.k_new), self.fmt.quantize(self.v_new)
+        return dict(k=k, v=v) if k_scale is None else dict(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
+
     def fields(self, score: Float[Array, "B H N"]) -> dict[str, Array]:
-        """Every candidate's k, v [B, H, N, D] and pos, valid, score [B, H, N]."""
-        return dict(k=jnp.concatenate([self.k_cache, self.k_new], 2), v=jnp.concatenate([self.v_cache, self.v_new], 2),
-                    pos=self.pos, valid=self.valid, score=score)
+        """Every candidate's k, v [B, H, N, D] as stored (and their scales, if narrow) and pos, valid, score [B, H, N]."""
+        slots = dict(k=self.k_cache, v=self.v_cache, k_scale=self.k_scale, v_scale=self.v_scale)
+        stored = {name: jnp.concatenate([slots[name], new], 2) for name, new in self.new_as_stored().items()}
+        return dict(stored, pos=self.pos, valid=self.valid, score=score)
 
 
 # ----------------------------------------------------------------------------- which queries' attention a score consumes
@@ -129,6 +144,9 @@ class ScorerPolicy(Policy):
     capacity: int
     sinks: int = 0
     window: int = 0
+    # `keep` writes candidates as stored (`Candidates.fields`, `new_as_stored`), never computing on
+    # their values, so narrow slots can stay narrow (`keeps_slots_as_stored`); merging policies cannot
+    narrow_slots: ClassVar[bool] = True
 
     def __post_init__(self):
         self._check_capacity()
@@ -165,14 +183,24 @@ class ScorerPolicy(Policy):
         return select.keep_best(lc, cand, score, rank, step)
 
     def update(self, cache: KVCache, layer: int, q, k, v, step: Step, attn: LayerAttention,
-               rotate: Rotation = at_original_positions):
+               rotate: Rotation = at_original_positions, fmt: SlotFormat | None = None):
+        """The tier's step; `fmt` (from `Quantized`): the slots are stored in that format, attention
+        reads them as stored and the kept chunk tokens are quantized as they are written."""
         lc = cache.layers[layer]
         q, k_rot, k_store, k_cached = rotate(attn, lc, q, k, step)
-        out, mass = attn(q, k_cached, lc.v, lc.valid, k_rot, v, step, stat_weights=self.stat_weights(step), cache_pos=lc.pos)
-        cand = Candidates.of(lc, k_store, v, step, mass, group=q.shape[2] // lc.k.shape[1], attended=out)
+        out, mass = attn(q, k_cached, lc.v, lc.valid, k_rot, v, step, stat_weights=self.stat_weights(step), cache_pos=lc.pos,
+                         k_scale=lc.k_scale, v_scale=lc.v_scale)
+        cand = Candidates.of(lc, k_store, v, step, mass, group=q.shape[2] // lc.k.shape[1], attended=out, fmt=fmt)
         score = self.score(cand, step, layer).astype(jnp.float32)
         rank = select.rank(score, cand.valid, self.protected(cand.pos, cand.valid, step))
         return out, cache.replace_layer(layer, self.keep(lc, cand, score, rank, step))
+
+
+def keeps_slots_as_stored(policy: Policy) -> bool:
+    """Whether `policy` runs this tier's `update` and only moves slots as stored (`narrow_slots`), so
+    its slots can stay in a narrow format through a step (`Quantized`): attention reads them as stored
+    and only the kept chunk tokens are quantized. Others (merging, POD, re-rotation) run on a dequantized view."""
+    return isinstance(policy, ScorerPolicy) and policy.narrow_slots and type(policy).update is ScorerPolicy.update
 
 
 @dataclasses.dataclass(frozen=True)
