@@ -15,6 +15,10 @@ streams the whole prompt, question included, through the fixed-capacity cache.
 A task the model cannot do even with the full cache (ceiling below
 `--min-ceiling`) is dropped from the averages and named, rather than reported as noise.
 
+`--kv-dtypes int8 fp8` runs every policy (full included) again with its slots
+stored in those formats (`kvjax.quant`), labelled "h2o@int8": with byte budgets,
+each (policy, format) gets the slots its bytes buy.
+
     python -m experiments.leaderboard --model smollm2-135m --context 4096 --budgets 0.125 0.25 0.5 \\
         --policies streaming_llm h2o snapkv --tasks niah_single variable_tracking --samples 10
 """
@@ -34,20 +38,40 @@ from experiments.notebook import model_and_tokenizer
 from experiments.results import append_jsonl, read_jsonl
 from kvjax.evaluate import PROTOCOLS, answer
 from kvjax.plan import parse_bytes
+from kvjax.quant import FORMATS
 
 BASELINES = ["streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm"]
 OPTIONS = {"snapkv": dict(window=16), "pyramidkv": dict(window=8, beta=4.0)}  # observation windows that fit 1/8 budgets
 
 
-def policy_for(model, name: str, budget: str, context: int, extra: int):
-    """The policy of a cell; `extra` slots more for `full` (question + answer under streaming).
-    A byte budget is per sample: planned for one row, and every row of a batch gets as much."""
+def label(name: str, kv_dtype: str | None) -> str:
+    """A cell's policy column: the registry name, with "@format" when its slots are stored narrow."""
+    return name if kv_dtype is None else f"{name}@{kv_dtype}"
+
+
+def parse_label(policy: str) -> tuple[str, str | None]:
+    name, _, kv_dtype = policy.partition("@")
+    return name, kv_dtype or None
+
+
+def policy_for(model, policy: str, budget: str, context: int, extra: int):
+    """The policy of a cell (a `label`); `extra` slots more for `full` (question + answer under
+    streaming). A byte budget is per sample: planned for one row, and every row of a batch gets as much."""
+    name, kv_dtype = parse_label(policy)
     if name == "full":
-        return kvjax.policies.make("full", capacity=context + extra)
-    options = OPTIONS.get(name, {})
+        return kvjax.policies.make("full", capacity=context + extra, kv_dtype=kv_dtype)
+    options = dict(OPTIONS.get(name, {}), kv_dtype=kv_dtype)
     if budget.replace(".", "", 1).isdigit():
         return kvjax.policies.make(name, capacity=max(int(float(budget) * context), 8), **options)
     return kvjax.plan_capacity(model, parse_bytes(budget), policy=name, **options).policy().inner
+
+
+def budget_value(budget: str) -> float:
+    """A budget's size for ordering: the fraction, or the bytes."""
+    try:
+        return float(budget)
+    except ValueError:
+        return float(parse_bytes(budget))
 
 
 def cell_key(row: dict) -> tuple:
@@ -98,11 +122,12 @@ def figure(rows: list[dict], dropped: list[str]):
     kept = lambda r: r["task"] not in dropped  # noqa: E731
     for ax, protocol in zip(axes[0], protocols):
         mine = [r for r in rows if r["protocol"] == protocol and kept(r)]
-        full = [r["score"] for r in mine if r["policy"] == "full"]
-        if full:
-            ax.axhline(np.mean(full), color="black", linestyle="--", label="full cache")
-        for policy in sorted({r["policy"] for r in mine} - {"full"}):
-            budgets = sorted({r["budget"] for r in mine if r["policy"] == policy}, key=lambda b: float(b) if b[0].isdigit() else parse_bytes(b))
+        ceilings = sorted({r["policy"] for r in mine if parse_label(r["policy"])[0] == "full"})
+        for i, full in enumerate(ceilings):
+            ax.axhline(np.mean([r["score"] for r in mine if r["policy"] == full]), color=f"{0.5 * i / max(1, len(ceilings) - 1)}",
+                       linestyle="--", label=full.replace("full", "full cache", 1))
+        for policy in sorted({r["policy"] for r in mine} - set(ceilings)):
+            budgets = sorted({r["budget"] for r in mine if r["policy"] == policy}, key=budget_value)
             means = [np.mean([r["score"] for r in mine if r["policy"] == policy and r["budget"] == b]) for b in budgets]
             ax.plot(budgets, means, marker="o", label=policy)
         ax.set(title=f"{protocol} protocol", xlabel="budget", ylim=(-0.02, 1.02))
@@ -130,6 +155,8 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=4096, help="tokens per sample, question included")
     parser.add_argument("--policies", nargs="+", default=BASELINES, choices=kvjax.policies.names())
     parser.add_argument("--budgets", nargs="+", default=["0.125", "0.25", "0.5"], help="fractions of the context, or bytes ('64MiB')")
+    parser.add_argument("--kv-dtypes", nargs="+", default=[None], choices=[None, *FORMATS], type=lambda s: None if s == "none" else s,
+                        help="slot formats to run every policy in ('none': the model's dtype; e.g. none int8)")
     parser.add_argument("--tasks", nargs="+", default=list(ruler.TASKS), choices=list(ruler.TASKS))
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     parser.add_argument("--samples", type=int, default=10)
@@ -143,8 +170,9 @@ def main(argv=None):
     model, tokenizer = model_and_tokenizer(args.model)
     out = pathlib.Path(args.out)
     done = {cell_key(r) for r in read_jsonl(out)}
-    cells = [(t, p, b, pr) for t in args.tasks for pr in args.protocols
-             for p, b in [("full", "1.0")] + [(p, b) for p in args.policies if p != "full" for b in args.budgets]]
+    per_format = [(label(p, kv), b) for kv in args.kv_dtypes
+                  for p, b in [("full", "1.0")] + [(p, b) for p in args.policies if p != "full" for b in args.budgets]]
+    cells = [(t, p, b, pr) for t in args.tasks for pr in args.protocols for p, b in per_format]
     todo = [c for c in cells if c not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {out}")
     cache: dict[str, list] = {}

@@ -26,6 +26,7 @@ from jaxtyping import Array, Float
 from kvjax.cache import KVCache
 from kvjax.generate import GenerateOutput, generate
 from kvjax.inputs import prng_key, token_batch
+from kvjax.policies import stored_as
 from kvjax.policies.base import Policy
 from kvjax.protocol import CachedDecoder
 from kvjax.run import pad_to_chunks, prefill, scan_chunks
@@ -34,7 +35,7 @@ from kvjax.sharding import mesh_context, on_model_mesh
 
 def stream_nll(
     model: CachedDecoder, tokens, *, policy: Policy, mask=None, chunk_size: int = 128, key: jax.Array | int | None = None,
-    with_cache: bool = False, impl: str = "auto",
+    with_cache: bool = False, impl: str = "auto", kv_dtype: str | None = None,
 ) -> Float[Array, "B T"] | tuple[Float[Array, "B T"], KVCache]:
     """Per-token NLL in nats, [B, T-1]: entry j scores the row's next real token after position j,
     given every real token up to j (for a full rectangular batch: tokens[:, j + 1] given tokens[:, :j + 1]).
@@ -42,7 +43,8 @@ def stream_nll(
     tokens: [B, T] ids or a list of rows of different lengths; `mask` [B, T] marks
     real tokens of an array (any padding). Entries with no next token are NaN.
     Returns the final cache too with `with_cache`. `impl` picks attention ("auto":
-    Pallas kernels on GPU/TPU, XLA on CPU; or "xla", "pallas").
+    Pallas kernels on GPU/TPU, XLA on CPU; or "xla", "pallas"); `kv_dtype` stores
+    the slots in that format (`kvjax.policies.stored_as`).
     """
     ids, real = token_batch(tokens, vocab_size=model.vocab_size, mask=mask)
     short = np.flatnonzero(real.sum(-1) < 2)
@@ -53,7 +55,7 @@ def stream_nll(
     for row in range(b):
         at = np.flatnonzero(real[row])
         targets[row, at[:-1]], scored[row, at[:-1]] = ids[row, at[1:]], True
-    cache = model.cache_spec().init(policy, b)
+    cache = model.cache_spec().init(stored_as(policy, kv_dtype), b)
     for layer_policy in cache.policies:
         layer_policy.check_length(int(real.sum(-1).max()), what="the text's length")
     padded, valid = pad_to_chunks(jnp.asarray(ids), jnp.asarray(real), chunk_size)
@@ -80,10 +82,10 @@ def _stream_nll(graphdef, state, tokens, valid, targets, key, cache, *, chunk_si
 
 
 def perplexity(model: CachedDecoder, tokens, *, policy: Policy, mask=None, chunk_size: int = 128, start: int = 0,
-               impl: str = "auto") -> float:
+               impl: str = "auto", kv_dtype: str | None = None) -> float:
     """exp(mean NLL) of the tokens predicted from positions >= `start` (earlier ones are context only);
-    ragged rows and masks as `stream_nll`."""
-    nll = np.asarray(stream_nll(model, tokens, policy=policy, mask=mask, chunk_size=chunk_size, impl=impl))
+    ragged rows, masks and `kv_dtype` as `stream_nll`."""
+    nll = np.asarray(stream_nll(model, tokens, policy=policy, mask=mask, chunk_size=chunk_size, impl=impl, kv_dtype=kv_dtype))
     if not isinstance(start, int) or not 0 <= start < nll.shape[1]:
         raise ValueError(f"start={start!r} leaves nothing to score: use 0 <= start < {nll.shape[1]} (the text has {nll.shape[1] + 1} positions)")
     scored = nll[:, start:][np.isfinite(nll[:, start:])]
@@ -97,7 +99,7 @@ PROTOCOLS = ("kvpress", "streaming")
 
 def answer(
     model: CachedDecoder, context, question, *, policy: Policy, protocol: str, max_new_tokens: int,
-    stop_tokens: int | tuple[int, ...] = (), chunk_size: int = 128, impl: str = "auto",
+    stop_tokens: int | tuple[int, ...] = (), chunk_size: int = 128, impl: str = "auto", kv_dtype: str | None = None,
 ) -> GenerateOutput:
     """Greedy answers to `question` after `context` ([B, *] ids or lists of ragged rows, one question per
     context), under `protocol` (see the module docstring).
@@ -105,8 +107,9 @@ def answer(
     "kvpress": `policy`'s slots hold the compressed context; the cache then gains room for the longest
     question and `max_new_tokens` (`KVCache.with_room`), so it ends with capacity + question + answer
     slots, as kvpress's does. "streaming": `policy`'s slots are all there ever is; `chunk_size` is the
-    prompt's chunk. Returns `generate`'s output.
+    prompt's chunk. `kv_dtype` stores the slots in that format. Returns `generate`'s output.
     """
+    policy = stored_as(policy, kv_dtype)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     ctx, ctx_real = token_batch(context, vocab_size=model.vocab_size, name="context")

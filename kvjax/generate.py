@@ -28,7 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from kvjax.cache import KVCache
 from kvjax.inputs import prng_key, token_batch
-from kvjax.policies import resolve
+from kvjax.policies import resolve, stored_as
 from kvjax.policies.base import Policy
 from kvjax.protocol import CachedDecoder
 from kvjax.run import forward_chunk, pad_to_chunks, prefill
@@ -70,7 +70,7 @@ class _Request:
     """A checked call: prompt ids and mask (chunk-padded), the cache it goes into, the key, the stops."""
 
     def __init__(self, model, prompt, *, policy, cache, max_new_tokens, prompt_lengths, prompt_mask, sampler,
-                 stop_tokens, key, chunk_size, pad_id):
+                 stop_tokens, key, chunk_size, pad_id, kv_dtype=None):
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -82,7 +82,7 @@ class _Request:
         self.key = prng_key(key, needed=sampler.temperature > 0, what=f"sampling with temperature={sampler.temperature}")
         ids, mask = token_batch(prompt, vocab_size=model.vocab_size, lengths=prompt_lengths, mask=prompt_mask,
                                 name="prompt", lengths_name="prompt_lengths", mask_name="prompt_mask")
-        self.cache = _cache_for(model, policy, cache, ids.shape[0])
+        self.cache = _cache_for(model, stored_as(policy, kv_dtype), cache, ids.shape[0], kv_dtype)
         seen = 0 if cache is None else int(np.asarray(cache.seen).max())
         for layer_policy in self.cache.policies:
             layer_policy.check_length(seen + int(mask.sum(-1).max()) + max_new_tokens,
@@ -91,8 +91,8 @@ class _Request:
         self.cache, self.tokens, self.valid = on_model_mesh(model, self.cache, self.tokens, self.valid)
 
 
-def _cache_for(model, policy, cache, batch: int) -> KVCache:
-    """A fresh cache for `policy`, or the given one (a new turn), checked against the policy and batch."""
+def _cache_for(model, policy, cache, batch: int, kv_dtype: str | None = None) -> KVCache:
+    """A fresh cache for `policy`, or the given one (a new turn), checked against the policy, batch and format."""
     if cache is None:
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a kvjax Policy (see kvjax.policies.make), got {type(policy).__name__}")
@@ -103,6 +103,10 @@ def _cache_for(model, policy, cache, batch: int) -> KVCache:
         raise ValueError("the cache was built for another policy; pass policy=None (or the same policy) to go on with it")
     if cache.batch != batch:
         raise ValueError(f"the cache holds {cache.batch} rows but the prompt has {batch}; give one new turn per row")
+    stored = {p.kv_format.name if p.kv_format else None for p in cache.policies}
+    if kv_dtype is not None and stored != {kv_dtype}:
+        raise ValueError(f"the cache stores its slots as {sorted(map(str, stored))}, not {kv_dtype}: a cache keeps its format; "
+                         "pass kv_dtype=None to go on with it, or start a new cache")
     return cache
 
 
@@ -121,6 +125,7 @@ def generate(
     chunk_size: int = 64,
     pad_id: int = 0,
     impl: str = "auto",
+    kv_dtype: str | None = None,
 ) -> GenerateOutput:
     """Generate up to `max_new_tokens` per row with a fixed-capacity cache.
 
@@ -132,13 +137,16 @@ def generate(
     key: `jax.random.key(seed)` or an int seed; required when sampling (temperature > 0).
     cache: go on from an earlier call's `out.cache` (the prompt is the next
     turn; `policy` may be omitted). The cache is donated: use the new one.
+    kv_dtype: store the slots as "int8", "fp8", "bfloat16" or "float32"
+    (`kvjax.policies.Quantized`), for any policy.
 
     Returns `GenerateOutput`: `tokens` [B, max_new_tokens] the generated ids
     (`pad_id` after a row stopped), `lengths` [B] how many each row generated
     (its stop token included), `cache` the final cache.
     """
     req = _Request(model, prompt, policy=policy, cache=cache, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths,
-                   prompt_mask=prompt_mask, sampler=sampler, stop_tokens=stop_tokens, key=key, chunk_size=chunk_size, pad_id=pad_id)
+                   prompt_mask=prompt_mask, sampler=sampler, stop_tokens=stop_tokens, key=key, chunk_size=chunk_size, pad_id=pad_id,
+                   kv_dtype=kv_dtype)
     graphdef, state = nnx.split(model)
     with mesh_context(model):
         out = _generate(
@@ -265,12 +273,13 @@ def stream(
     model: CachedDecoder, prompt, *, policy: Policy | None = None, max_new_tokens: int, block: int = 16,
     cache: KVCache | None = None, prompt_lengths=None, prompt_mask=None, sampler: Sampler = Sampler(),
     stop_tokens: int | tuple[int, ...] = (), key: jax.Array | int | None = None, chunk_size: int = 64, pad_id: int = 0,
-    impl: str = "auto",
+    impl: str = "auto", kv_dtype: str | None = None,
 ) -> Stream:
     """`generate`, yielding tokens `block` at a time as they are produced (the same tokens
     for the same key); arguments as `generate`'s."""
     req = _Request(model, prompt, policy=policy, cache=cache, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths,
-                   prompt_mask=prompt_mask, sampler=sampler, stop_tokens=stop_tokens, key=key, chunk_size=chunk_size, pad_id=pad_id)
+                   prompt_mask=prompt_mask, sampler=sampler, stop_tokens=stop_tokens, key=key, chunk_size=chunk_size, pad_id=pad_id,
+                   kv_dtype=kv_dtype)
     graphdef, state = nnx.split(model)
     with mesh_context(model):
         start = _start_jit(graphdef, state, req.tokens, req.valid, req.cache, req.key, chunk_size=chunk_size, impl=impl)

@@ -123,9 +123,22 @@ def test_leaderboard_runs_resumes_and_plots(tmp_path, monkeypatch):
     assert len(lines) == len(rows)
 
 
+def test_leaderboard_runs_policies_in_slot_formats_at_equal_bytes(tmp_path):
+    """`--kv-dtypes none int8`: every policy and the ceiling once per format, labelled "h2o@int8";
+    at one byte budget the int8 slots are more (and the kernels read them as stored)."""
+    out = tmp_path / "board.jsonl"
+    rows = leaderboard.main(["--model", "tiny", "--context", "600", "--samples", "2", "--tasks", "niah_single", "--protocols", "kvpress",
+                             "--policies", "h2o", "--budgets", "64KiB", "--kv-dtypes", "none", "int8", "--new-tokens", "4",
+                             "--min-ceiling", "0", "--out", str(out)])
+    capacity = {r["policy"]: r["capacity"] for r in rows}
+    assert set(capacity) == {"full", "full@int8", "h2o", "h2o@int8"}
+    assert capacity["h2o@int8"] > 2 * capacity["h2o"]  # head_dim 16: 2 x (16 + 4) bytes a slot against 2 x 64
+    assert "| h2o@int8 | 64KiB |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
 def test_a_byte_budget_gives_every_policy_the_same_bytes_per_row(tiny):
     """'64KiB' is per sample: each policy's cache holds at most that per row, whatever the batch."""
-    for name in ["h2o", "snapkv", "streaming_llm"]:
+    for name in ["h2o", "snapkv", "streaming_llm", "h2o@int8", "snapkv@fp8"]:
         policy = leaderboard.policy_for(tiny, name, "64KiB", context=600, extra=10)
         for batch in (1, 3):
             nbytes = jax.eval_shape(lambda: tiny.cache_spec().init(policy, batch)).nbytes

@@ -186,6 +186,32 @@ def test_only_the_scorer_tier_keeps_slots_as_stored():
     assert not keeps_slots_as_stored(kvjax.policies.make("streaming_llm", capacity=16, rerotate=True))
 
 
+@pytest.mark.parametrize("name", ["dmc", "pod"])
+def test_kv_dtype_is_one_option_of_generate_and_evaluate(model, name):
+    """`generate(..., kv_dtype=)` and `stream_nll(..., kv_dtype=)` are `make(..., kv_dtype=)`: the same
+    tokens, NLL and narrow cache, for the policies that do their own thing too."""
+    prompt = jax.random.randint(jax.random.key(9), (2, 21), 1, 256)
+    options = dict(capacity=40, sinks=2, window=4) if name == "pod" else dict(capacity=12)
+    with contextlib.nullcontext() if name != "dmc" else pytest.warns(UserWarning, match="retrofit"):
+        plain = kvjax.policies.make(name, **options)
+        by_option = kvjax.generate(model, prompt, policy=plain, max_new_tokens=4, impl="xla", kv_dtype="int8")
+        by_make = generated(model, kvjax.policies.make(name, kv_dtype="int8", **options), prompt)
+        nll = [np.asarray(kvjax.evaluate.stream_nll(model, prompt, policy=p, chunk_size=8, impl="xla", kv_dtype=kv))
+               for p, kv in ((plain, "int8"), (Quantized(plain, "int8"), None))]
+    np.testing.assert_array_equal(np.asarray(by_option.tokens), np.asarray(by_make.tokens))
+    assert by_option.cache.layers[0].k.dtype == jnp.int8
+    np.testing.assert_array_equal(*nll)
+
+
+def test_kv_dtype_cannot_change_a_format(model):
+    policy = kvjax.policies.make("h2o", capacity=12, kv_dtype="int8")
+    with pytest.raises(ValueError, match="already stores its slots as int8"):
+        kvjax.policies.stored_as(policy, "fp8")
+    out = generated(model, policy, jax.random.randint(jax.random.key(9), (1, 9), 1, 256))
+    with pytest.raises(ValueError, match="a cache keeps its format"):
+        kvjax.generate(model, [[1, 2]], cache=out.cache, max_new_tokens=1, kv_dtype="fp8")
+
+
 CFG = LlamaConfig.tiny(num_layers=4)
 SLIDING = LlamaConfig.tiny(num_layers=4, sliding_window=8, layer_types=("sliding_attention", "full_attention") * 2)
 

@@ -72,8 +72,20 @@ def make(name: str, capacity: int, kv_dtype: str | None = None, **kwargs) -> Pol
     unknown = sorted(set(kwargs) - set(options(name)))
     if unknown:
         raise TypeError(f"policy {name!r} takes no option(s) {unknown}; its options are {options(name)}")
-    policy = factory(capacity=capacity, **kwargs)
-    return policy if kv_dtype is None else Quantized(policy, kv_dtype)
+    return stored_as(factory(capacity=capacity, **kwargs), kv_dtype)
+
+
+def stored_as(policy: Policy | None, kv_dtype: str | None) -> Policy | None:
+    """`policy` with its slots stored as `kv_dtype` (`Quantized`); None leaves it as it is. The one
+    `kv_dtype=` option of `make`, `generate` and `kvjax.evaluate`."""
+    if kv_dtype is None or policy is None:
+        return policy
+    if isinstance(policy, Quantized):
+        if policy.kv_dtype != kv_dtype:
+            raise ValueError(f"{policy.name} already stores its slots as {policy.kv_dtype}; drop kv_dtype={kv_dtype!r} "
+                             f"or pass the unwrapped policy ({policy.name}.inner)")
+        return policy
+    return Quantized(policy, kv_dtype)
 
 
 def resolve(policy: Policy, spec) -> tuple[Policy, ...]:
@@ -125,5 +137,5 @@ register(pod, name="pod")
 __all__ = [
     "BCT", "Candidates", "DMC", "Full", "H2O", "KNorm", "KVMerger", "KeyRerotation", "MergingPolicy", "NewestRing", "POD",
     "PerLayer", "Policy", "PyramidKV", "Quantized", "Random", "ScorerPolicy", "SnapKV", "SnapKVRing", "Step", "StreamingLLM", "TOVA",
-    "Window", "make", "names", "options", "pyramid_budgets", "register", "resolve",
+    "Window", "make", "names", "options", "pyramid_budgets", "register", "resolve", "stored_as",
 ]
