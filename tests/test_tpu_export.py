@@ -52,13 +52,15 @@ OPTIONS = {"plain": dict(capacity=1024), "all_options": dict(capacity=1000, soft
 KERNEL_CASES = list(itertools.product(CHIPS, ["decode", "prefill"], ["float32", "bfloat16"], [64, 128, 256], HEADS, OPTIONS))
 
 
-@pytest.mark.parametrize(("chip_name", "kind", "dtype", "head_dim", "heads", "options"), KERNEL_CASES)
-def test_kernel_lowers_to_mosaic(chip_name, kind, dtype, head_dim, heads, options):
+def exported_kernel(chip_name, kind, dtype, head_dim, heads, options, kv_dtype=None) -> tuple[str, tuple]:
+    """`cache_attention` of one configuration exported for TPU; slots stored as `kv_dtype` (with
+    their scales) if given. Returns the StableHLO text and the slots' shape [B, H, C, D]."""
     (h, group), opts = HEADS[heads], OPTIONS[options]
     b, s, c, dt = 2, 1 if kind == "decode" else 64, opts["capacity"], jnp.dtype(dtype)
-    args = (S((b, h, s * group, head_dim), dt), S((b, h, c, head_dim), dt), S((b, h, c, head_dim), dt), S((b, h, c), bool),
+    slots = dt if kv_dtype is None else FORMATS[kv_dtype].dtype
+    args = (S((b, h, s * group, head_dim), dt), S((b, h, c, head_dim), slots), S((b, h, c, head_dim), slots), S((b, h, c), bool),
             S((b, h, s, head_dim), dt), S((b, h, s, head_dim), dt), S((b, s), bool))
-    extras = {}
+    extras = {} if kv_dtype is None else dict(k_scale=S((b, h, c), jnp.float32), v_scale=S((b, h, c), jnp.float32))
     if "window" in opts:
         extras.update(cache_pos=S((b, h, c), jnp.int32), q_pos=S((b, s), jnp.int32))
     if opts.get("mass"):
@@ -70,6 +72,12 @@ def test_kernel_lowers_to_mosaic(chip_name, kind, dtype, head_dim, heads, option
 
     text = exported_for_tpu(run, *args, kind=CHIPS[chip_name], **extras)
     assert text.count(MOSAIC) == (4 if opts.get("mass") else 2)  # two regions (+ their mass passes)
+    return text, (b, h, c, head_dim)
+
+
+@pytest.mark.parametrize(("chip_name", "kind", "dtype", "head_dim", "heads", "options"), KERNEL_CASES)
+def test_kernel_lowers_to_mosaic(chip_name, kind, dtype, head_dim, heads, options):
+    exported_kernel(chip_name, kind, dtype, head_dim, heads, options)
 
 
 NARROW_CASES = list(itertools.product(CHIPS, ["decode", "prefill"], ["float32", "bfloat16"], ["int8", "fp8"], [64, 128], OPTIONS))
@@ -79,25 +87,10 @@ NARROW_CASES = list(itertools.product(CHIPS, ["decode", "prefill"], ["float32", 
 def test_narrow_slot_kernels_lower_to_mosaic(chip_name, kind, dtype, kv_dtype, head_dim, options):
     """The kernels read int8 / fp8 slots and their per-slot scales as stored: the narrow type is
     the kernel operand in the exported program (no dequantized copy is made before the call)."""
-    opts, (h, group) = OPTIONS[options], HEADS["gqa4"]
-    b, s, c, dt = 2, 1 if kind == "decode" else 64, opts["capacity"], jnp.dtype(dtype)
-    narrow = FORMATS[kv_dtype].dtype
-    args = (S((b, h, s * group, head_dim), dt), S((b, h, c, head_dim), narrow), S((b, h, c, head_dim), narrow), S((b, h, c), bool),
-            S((b, h, s, head_dim), dt), S((b, h, s, head_dim), dt), S((b, s), bool))
-    extras = dict(k_scale=S((b, h, c), jnp.float32), v_scale=S((b, h, c), jnp.float32))
-    if "window" in opts:
-        extras.update(cache_pos=S((b, h, c), jnp.int32), q_pos=S((b, s), jnp.int32))
-    if opts.get("mass"):
-        extras["stat_weights"] = S((b, s), jnp.float32)
-
-    def run(*a, **kw):
-        return cache_attention(*a, **kw, group=group, scale=head_dim**-0.5, softcap=opts.get("softcap"),
-                               max_distance=opts["window"] - 1 if "window" in opts else None)
-
-    text = exported_for_tpu(run, *args, kind=CHIPS[chip_name], **extras)
-    assert text.count(MOSAIC) == (4 if opts.get("mass") else 2)
-    assert f"{b}x{h}x{c}x{head_dim}x{MLIR_TYPE[kv_dtype]}" in text
-    assert f"{b}x{h}x{c}x{head_dim}x{MLIR_TYPE[dtype]}" not in text  # never widened outside the kernel
+    text, shape = exported_kernel(chip_name, kind, dtype, head_dim, "gqa4", options, kv_dtype=kv_dtype)
+    slots = "x".join(map(str, shape))
+    assert f"{slots}x{MLIR_TYPE[kv_dtype]}" in text
+    assert f"{slots}x{MLIR_TYPE[dtype]}" not in text  # never widened outside the kernel
 
 
 MLIR_TYPE = {"int8": "i8", "fp8": "f8E4M3FN", "float32": "f32", "bfloat16": "bf16"}
