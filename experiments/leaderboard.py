@@ -29,6 +29,7 @@ import argparse
 import pathlib
 import time
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -106,7 +107,7 @@ def summarise(rows: list[dict], min_ceiling: float) -> tuple[str, list[str]]:
         cells = {(r["policy"], r["budget"], r["task"]): r["score"] for r in rows if r["protocol"] == protocol}
         lines += [f"\n**{protocol} protocol** (score = fraction of expected answers found, RULER's string_match_all)\n",
                   "| policy | budget | " + " | ".join(tasks) + " | mean (kept tasks) |", "|---" * (len(tasks) + 3) + "|"]
-        for policy, budget in sorted({(p, b) for p, b, _ in cells}, key=lambda pb: (pb[0] != "full", pb[0], pb[1])):
+        for policy, budget in sorted({(p, b) for p, b, _ in cells}, key=lambda pb: (parse_label(pb[0])[0] != "full", pb[0], budget_value(pb[1]))):
             scores = [cells.get((policy, budget, t)) for t in tasks]
             mean = np.mean([cells[(policy, budget, t)] for t in kept if (policy, budget, t) in cells] or [np.nan])
             lines.append(f"| {policy} | {budget} | " + " | ".join("-" if s is None else f"{s:.2f}" for s in scores) + f" | {mean:.2f} |")
@@ -184,6 +185,7 @@ def main(argv=None):
                        new_tokens=args.new_tokens, batch=args.batch)
         row.update(model=args.model, context=args.context, seed=args.seed)
         append_jsonl(out, row)
+        jax.clear_caches()  # each cell compiles its own programs; kept, 16 SmolLM2 cells exhausted LLVM's memory maps
     rows = [r for r in read_jsonl(out) if cell_key(r) in set(cells)]
     table, dropped = summarise(rows, args.min_ceiling)
     print(table)
