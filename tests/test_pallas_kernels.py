@@ -311,6 +311,8 @@ DEVICE_CASES = {  # compiled kernels (not interpreted), default blocks from the 
     "decode_bf16_mqa_d256": dict(group=16, capacity=2048, kv_heads=1, head_dim=256, dtype=jnp.bfloat16),
     "prefill_f32_gqa3": dict(group=3, chunk=128, capacity=1000, kv_heads=3, head_dim=64),
     "prefill_bf16_gqa4": dict(group=4, chunk=256, capacity=3000, kv_heads=2, head_dim=128, dtype=jnp.bfloat16),
+    "decode_bf16_int8_slots": dict(group=4, capacity=4096, kv_heads=2, head_dim=128, dtype=jnp.bfloat16, kv_dtype="int8"),
+    "prefill_f32_fp8_slots": dict(group=4, chunk=128, capacity=1000, kv_heads=2, head_dim=128, kv_dtype="fp8"),
 }
 
 
@@ -319,8 +321,13 @@ DEVICE_CASES = {  # compiled kernels (not interpreted), default blocks from the 
 @pytest.mark.parametrize("options", ["plain", "softcap_window"])
 def test_compiled_kernel_matches_reference(case, options):
     """On a GPU or TPU (skipped on CPU): this platform's kernel, compiled, with the mass pass."""
-    cfg = DEVICE_CASES[case]
+    cfg = dict(DEVICE_CASES[case])
+    kv_dtype = cfg.pop("kv_dtype", None)
     args, extras = inputs(80, batch=2, mask="holes", **cfg)
+    if kv_dtype:  # narrow slots, read as stored
+        fmt = FORMATS[kv_dtype]
+        (kq, ks), (vq, vs) = fmt.quantize(args[1]), fmt.quantize(args[2])
+        args, extras = (args[0], kq, vq) + args[3:], dict(extras, k_scale=ks, v_scale=vs)
     if options == "softcap_window":
         extras = dict(extras, softcap=30.0, max_distance=40)
     errors = kernel_errors(None, args, extras, interpret=False)
