@@ -185,7 +185,7 @@ def main(argv=None):
                        new_tokens=args.new_tokens, batch=args.batch)
         row.update(model=args.model, context=args.context, seed=args.seed)
         append_jsonl(out, row)
-        jax.clear_caches()  # each cell compiles its own programs; kept, 16 SmolLM2 cells exhausted LLVM's memory maps
+        jax.clear_caches()  # each cell compiles its own programs; keeping all, one run of 16 SmolLM2 cells ran out of LLVM's memory maps
     rows = [r for r in read_jsonl(out) if cell_key(r) in set(cells)]
     table, dropped = summarise(rows, args.min_ceiling)
     print(table)
