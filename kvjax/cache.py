@@ -21,9 +21,27 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-from kvjax.quant import SlotFormat
+from kvjax.quant import GroupedFormat, SlotFormat
 
 EMPTY_POS = -1  # `pos` of a slot that holds nothing
+
+
+@struct.dataclass
+class GroupStats:
+    """KIVI's float16 scales and zero points (`kvjax.quant.GroupedFormat`): keys per (group of
+    `group` slots, channel), values per (slot, group of channels)."""
+
+    k_scale: Float[Array, "B H N D"]
+    k_zero: Float[Array, "B H N D"]
+    v_scale: Float[Array, "B H C M"]
+    v_zero: Float[Array, "B H C M"]
+
+    @classmethod
+    def empty(cls, fmt: GroupedFormat, lead: tuple[int, int, int], head_dim: int) -> "GroupStats":
+        b, h, c = lead
+        keys, values = (b, h, c // fmt.group, head_dim), (b, h, c, head_dim // fmt.value_group(head_dim))
+        zeros = lambda shape: jnp.zeros(shape, jnp.float16)  # noqa: E731
+        return cls(k_scale=zeros(keys), k_zero=zeros(keys), v_scale=zeros(values), v_zero=zeros(values))
 
 
 @struct.dataclass
@@ -38,6 +56,7 @@ class LayerCache:
     score:  [batch, kv_heads, slots] the policy's statistic (f32).
     k_scale, v_scale: [batch, kv_heads, slots] f32 scales when k and v are stored
             quantized (`kvjax.quant`, under `kvjax.policies.Quantized`), else None.
+    groups: KIVI's group statistics when k and v hold its 4-/2-bit codes (`kvjax.policies.Kivi`).
     """
 
     k: Shaped[Array, "B H C D"]
@@ -47,6 +66,7 @@ class LayerCache:
     score: Float[Array, "B H C"]
     k_scale: Float[Array, "B H C"] | None = None
     v_scale: Float[Array, "B H C"] | None = None
+    groups: GroupStats | None = None
 
     @property
     def slots(self) -> int:
@@ -90,8 +110,9 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache buffers (what a benchmark reports)."""
-        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
+        """Bytes held by the cache buffers (what a benchmark reports; 4-/2-bit codes packed, as XLA
+        allocates them)."""
+        return sum(int(x.size) * jax.dtypes.itemsize_bits(x.dtype) // 8 for x in jax.tree.leaves(self))
 
     def lengths(self) -> Int[Array, "L B H"]:
         """Valid slots per (layer, batch row, KV head)."""
@@ -120,7 +141,8 @@ class KVCache:
             raise ValueError(f"with_room: extra must be an int >= 0, got {extra!r}")
         fixed = sorted({p.name for p, st in zip(self.policies, self.state) if st is not None})
         if fixed:
-            raise ValueError(f"with_room: {', '.join(fixed)} keeps state sized by its capacity and cannot grow; "
+            raise ValueError(f"with_room: {', '.join(fixed)} keeps state beside its slots (POD's distant ring, DMC's "
+                             "accumulators, KIVI's residual) and cannot grow; "
                              "run it under the streaming protocol (the whole prompt through the fixed-capacity cache)")
 
         def pad(x, fill):
@@ -147,7 +169,7 @@ def init_cache(
     kv_heads: int,
     head_dim: int,
     dtype=jnp.float32,
-    formats: Sequence[SlotFormat | None] | None = None,
+    formats: Sequence[SlotFormat | GroupedFormat | None] | None = None,
 ) -> KVCache:
     """An empty cache with no policy; `slots` is one static size for every layer or one per
     layer; `formats` the slot storage of each layer (None: `dtype`, unscaled).
@@ -163,7 +185,7 @@ def init_cache(
     if len(formats) != num_layers:
         raise ValueError(f"init_cache: formats must give one slot format per layer ({num_layers}), got {len(formats)}")
 
-    def layer(c: int, fmt: SlotFormat | None) -> LayerCache:
+    def layer(c: int, fmt: SlotFormat | GroupedFormat | None) -> LayerCache:
         lead = (batch, kv_heads, c)
         scale = lambda: jnp.ones(lead, jnp.float32) if fmt is not None and fmt.scaled else None  # noqa: E731
         store = dtype if fmt is None else fmt.dtype
@@ -175,6 +197,7 @@ def init_cache(
             score=jnp.zeros(lead, jnp.float32),
             k_scale=scale(),
             v_scale=scale(),
+            groups=GroupStats.empty(fmt, lead, head_dim) if fmt is not None and fmt.grouped else None,
         )
 
     layers = tuple(layer(c, fmt) for c, fmt in zip(per_layer, formats))

@@ -166,13 +166,14 @@ def load_blocks(path) -> tuple[tuple[int, ...], ...]:
         raise ValueError(f"{path} is not a POD blocks file (expected {{'owners': [[...], ...]}}): {err}") from err
 
 
-def format_shifts(model: CachedDecoder, tokens, *, formats=("bfloat16", "int8", "fp8"), chunk_size: int = 64,
+def format_shifts(model: CachedDecoder, tokens, *, formats=("bfloat16", "int8", "fp8", "int4", "int2"), chunk_size: int = 64,
                   impl: str = "auto") -> dict[str, float]:
     """Mean |delta NLL| per token (nats) of the full cache stored in each format, against the model's dtype.
     A chunk's tokens see each other before they are stored, so only what is read from the cache
     (tokens of earlier chunks) is quantized: keep `chunk_size` well below the text's length."""
     tokens = _calibration_tokens(model, tokens)
-    nll = lambda kv: np.asarray(stream_nll(model, tokens, policy=make("full", capacity=tokens.shape[1], kv_dtype=kv),  # noqa: E731
+    capacity = -(-tokens.shape[1] // 32) * 32  # every token kept, in whole KIVI groups
+    nll = lambda kv: np.asarray(stream_nll(model, tokens, policy=make("full", capacity=capacity, kv_dtype=kv),  # noqa: E731
                                            chunk_size=chunk_size, impl=impl))
     reference = nll(None)
     return {f: float(np.nanmean(np.abs(nll(f) - reference))) for f in formats}

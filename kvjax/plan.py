@@ -195,7 +195,7 @@ def plan_capacity(
     windows = spec.sliding_windows or (None,) * spec.num_layers
     per_slot = slot_bytes(spec, batch, probe.kv_format)
     fixed = sum(w - 1 for w in windows if w is not None) * per_slot + 4 * batch  # window layers + `seen`
-    fixed += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))  # policy state beside the slots (DMC's)
+    fixed += sum(x.size * jax.dtypes.itemsize_bits(x.dtype) // 8 for x in jax.tree.leaves(state))  # policy state beside the slots (DMC's)
     globals_ = [i for i, w in enumerate(windows) if w is None]
     minimum = _min_slots(policy, options)
     if budget is not None:
@@ -217,6 +217,11 @@ def plan_capacity(
         if len(per_layer) != spec.num_layers:
             raise ValueError(f"per_layer profile has {len(per_layer)} weights, the model has {spec.num_layers} layers")
         global_slots = _split(total, [per_layer[i] for i in globals_])
+    multiple = 1 if probe.kv_format is None else probe.kv_format.slot_multiple  # KIVI's key groups: whole ones only
+    if budget is None and tokens % multiple:
+        raise ValueError(f"plan_capacity: {probe.kv_format.name} slots come in groups of {multiple}; "
+                         f"tokens={tokens} is not a multiple of {multiple}")
+    global_slots = [s - s % multiple for s in global_slots]
     if min(global_slots) < minimum:
         need = fixed + minimum * len(globals_) * per_slot
         raise ValueError(

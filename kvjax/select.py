@@ -4,7 +4,8 @@ Candidates are ordered by (rank, position): the lowest rank is evicted first,
 and among equal ranks the oldest token. Two paths give the same kept set:
 
 - `select_chunk` (prefill chunks): sort the cache slots and the chunk's tokens
-  together and gather the best `slots` of them into a fresh layer.
+  together and gather the best `slots` of them into a fresh layer, kept slots
+  where they were.
 - `evict_index` + `write_slot` (one new token): evict the single lowest
   candidate and write the new token over it with an in-place scatter, so a
   decode step touches one slot instead of rewriting the cache. The write's
@@ -40,13 +41,27 @@ def position_order(pos: Int[Array, "B H N"], valid: Bool[Array, "B H N"]) -> Int
 
 
 def select_chunk(fields: dict[str, Array], rank_: Float[Array, "B H N"], slots: int) -> dict[str, Array]:
-    """Keep the `slots` best of N candidates.
+    """Keep the `slots` best of N candidates, the first `slots` of which are the cache's slots.
 
     `fields` maps names to candidate arrays [B, H, N, ...] (must include
-    'pos' and 'valid'). Returns the same names with N replaced by `slots`.
+    'pos' and 'valid'). Returns the same names with N replaced by `slots`:
+    a kept slot stays where it was, and kept newcomers fill the freed slots.
     """
     order = jnp.lexsort((fields["pos"], rank_), axis=-1)  # ascending: worst first
-    return gather(fields, order[..., -slots:])
+    return gather(fields, in_place(order[..., -slots:], slots))
+
+
+def in_place(best: Int[Array, "B H K"], slots: int) -> Int[Array, "B H K"]:
+    """The kept candidates `best` laid out so that kept slots (candidates below `slots`) keep their
+    index and the other kept candidates fill the freed slots in candidate order. Slots that stay
+    put are not rewritten, and formats that share statistics across slots (KIVI's key groups)
+    are not quantized anew for a token that only moved."""
+    b, h, _ = best.shape
+    kept = jnp.zeros((b, h, slots), bool).at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], best].set(True, mode="drop")
+    newcomers = jnp.sort(best, axis=-1)  # kept slots first (indices below `slots`), then the newcomers
+    free_rank = jnp.cumsum(~kept, axis=-1) - 1
+    newcomer = jnp.take_along_axis(newcomers, jnp.clip(kept.sum(-1, keepdims=True) + free_rank, 0, slots - 1), -1)
+    return jnp.where(kept, jnp.arange(slots), newcomer)
 
 
 def trailing(x: Array, like: Array) -> Array:

@@ -4,7 +4,7 @@
 An entry is a policy class or a factory function; `make` checks the options
 against its signature. Every policy also takes `kv_dtype` (its slots' storage
 format, `kvjax.quant`): `make("h2o", capacity=256, kv_dtype="int8")` is
-`Quantized(H2O(...), "int8")`. Shorthand options that compose parts stay available:
+`Quantized(H2O(...), "int8")`, and `kv_dtype="int4"` / `"int2"` is KIVI's `Kivi(H2O(...), "int4")`. Shorthand options that compose parts stay available:
 `make("streaming_llm", rerotate=True)` is `KeyRerotation(StreamingLLM(...))`,
 `make("pod", select="snapkv")` is POD with the SnapKV-voted ring.
 """
@@ -19,6 +19,7 @@ from kvjax.policies.bct import BCT
 from kvjax.policies.dmc import DMC
 from kvjax.policies.full import Full
 from kvjax.policies.h2o import H2O
+from kvjax.policies.kivi import Kivi
 from kvjax.policies.knorm import KNorm
 from kvjax.policies.kvmerger import KVMerger
 from kvjax.policies.merging import MergingPolicy
@@ -31,6 +32,7 @@ from kvjax.policies.scorer import Candidates, KeyRerotation, ScorerPolicy
 from kvjax.policies.snapkv import SnapKV
 from kvjax.policies.tova import TOVA
 from kvjax.policies.window import StreamingLLM, Window
+from kvjax.quant import slot_format
 
 REGISTRY: dict[str, Callable[..., Policy]] = {}
 
@@ -67,7 +69,7 @@ def options(name: str) -> list[str]:
 
 def make(name: str, capacity: int, kv_dtype: str | None = None, **kwargs) -> Policy:
     """Build a policy by registry name, e.g. `make("h2o", capacity=256, window=64)`; with
-    `kv_dtype` ("int8", "fp8", "bfloat16", "float32") its slots are stored in that format."""
+    `kv_dtype` ("int8", "fp8", "bfloat16", "float32", "int4", "int2") its slots are stored in that format."""
     factory = _lookup(name)
     unknown = sorted(set(kwargs) - set(options(name)))
     if unknown:
@@ -76,7 +78,8 @@ def make(name: str, capacity: int, kv_dtype: str | None = None, **kwargs) -> Pol
 
 
 def stored_as(policy: Policy | None, kv_dtype: str | None) -> Policy | None:
-    """`policy` with its slots stored as `kv_dtype` (`Quantized`); None leaves it as it is. The one
+    """`policy` with its slots stored as `kv_dtype` (`Quantized`, or `Kivi` for KIVI's int4 / int2);
+    None leaves it as it is. The one
     `kv_dtype=` option of `make`, `generate` and `kvjax.evaluate`."""
     if kv_dtype is None or policy is None:
         return policy
@@ -85,7 +88,7 @@ def stored_as(policy: Policy | None, kv_dtype: str | None) -> Policy | None:
             raise ValueError(f"{policy.name} already stores its slots as {policy.kv_dtype}; drop kv_dtype={kv_dtype!r} "
                              f"or pass the unwrapped policy ({policy.name}.inner)")
         return policy
-    return Quantized(policy, kv_dtype)
+    return (Kivi if slot_format(kv_dtype).grouped else Quantized)(policy, kv_dtype)
 
 
 def resolve(policy: Policy, spec) -> tuple[Policy, ...]:
@@ -102,7 +105,10 @@ def resolve(policy: Policy, spec) -> tuple[Policy, ...]:
 
     def sliding(p: Policy, w: int) -> Policy:
         fmt = p.kv_format
-        return Window(capacity=w - 1) if fmt is None else Quantized(Window(capacity=w - 1), fmt.name)
+        if fmt is not None and (w - 1) % fmt.slot_multiple:
+            raise ValueError(f"{fmt.name}: every layer's slots must be a multiple of the group ({fmt.slot_multiple}), but this "
+                             f"model's sliding-window layers hold {w - 1}; store them as int8 or fp8")
+        return stored_as(Window(capacity=w - 1), None if fmt is None else fmt.name)
 
     return tuple(p if w is None else sliding(p, w) for p, w in zip(layers, windows, strict=True))
 
@@ -135,7 +141,7 @@ register(streaming_llm, name="streaming_llm")
 register(pod, name="pod")
 
 __all__ = [
-    "BCT", "Candidates", "DMC", "Full", "H2O", "KNorm", "KVMerger", "KeyRerotation", "MergingPolicy", "NewestRing", "POD",
+    "BCT", "Candidates", "DMC", "Full", "H2O", "Kivi", "KNorm", "KVMerger", "KeyRerotation", "MergingPolicy", "NewestRing", "POD",
     "PerLayer", "Policy", "PyramidKV", "Quantized", "Random", "ScorerPolicy", "SnapKV", "SnapKVRing", "Step", "StreamingLLM", "TOVA",
     "Window", "make", "names", "options", "pyramid_budgets", "register", "resolve", "stored_as",
 ]
