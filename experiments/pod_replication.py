@@ -48,13 +48,14 @@ def pod(capacity: int, owners, **options) -> kvjax.Policy:
     return kvjax.policies.make("pod", capacity=capacity, sinks=SINKS, window=WINDOW, owners=owners, **options)
 
 
-def row_bytes(policy_name: str, capacity: int, **options) -> int:
+def row_bytes(model, policy_name: str, capacity: int, **options) -> int:
     """Cache bytes of one row (POD's planned by its measured layout: owners' keys only)."""
-    return kvjax.plan_capacity(CONFIG, tokens=capacity, policy=policy_name, **options).nbytes
+    return kvjax.plan_capacity(model, tokens=capacity, policy=policy_name, **options).nbytes
 
 
-def h2o_at(nbytes: int) -> kvjax.Policy:
-    return kvjax.plan_capacity(CONFIG, nbytes, policy="h2o").policy().inner
+def h2o_at(model, nbytes: int) -> kvjax.Policy:
+    """H2O with as many slots as `nbytes` per row hold."""
+    return kvjax.plan_capacity(model, nbytes, policy="h2o").policy().inner
 
 
 def evaluate(untouched, continued, trained: dict[float, object], blocks: dict[float, tuple], windows: np.ndarray) -> list[dict]:
@@ -65,17 +66,17 @@ def evaluate(untouched, continued, trained: dict[float, object], blocks: dict[fl
         rows.append(dict(method=method, model=model_name, delta=delta, capacity=policy.capacity, kib=nbytes / 1024, perplexity=ppl))
         print(f"{method:<12} {model_name:<22} capacity {policy.capacity:>3} {nbytes / 1024:7.1f} KiB/row  perplexity {ppl:.3f}")
 
-    full_bytes = row_bytes("full", T)
+    full_bytes = row_bytes(CONFIG, "full", T)
     for name, model in (("untouched", untouched), ("continued", continued)):
         add("full", name, None, kvjax.policies.make("full", capacity=T), model, full_bytes)
     for delta, owners in blocks.items():
-        shared = row_bytes("pod", T, owners=owners, sinks=SINKS, window=WINDOW)
+        shared = row_bytes(CONFIG, "pod", T, owners=owners, sinks=SINKS, window=WINDOW)
         add("pod", "untouched", delta, pod(T, owners), untouched, shared)
         add("pod", f"post-trained δ={delta:g}", delta, pod(T, owners), trained[delta], shared)
-        add("h2o", "continued", delta, h2o_at(shared), continued, shared)
-        half = row_bytes("pod", T // 2, owners=owners, sinks=SINKS, window=WINDOW, select="snapkv")
+        add("h2o", "continued", delta, h2o_at(CONFIG, shared), continued, shared)
+        half = row_bytes(CONFIG, "pod", T // 2, owners=owners, sinks=SINKS, window=WINDOW, select="snapkv")
         add("pod+snapkv", f"post-trained δ={delta:g}", delta, pod(T // 2, owners, select="snapkv"), trained[delta], half)
-        add("h2o", "continued", delta, h2o_at(half), continued, half)
+        add("h2o", "continued", delta, h2o_at(CONFIG, half), continued, half)
     return rows
 
 
@@ -87,7 +88,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
+def plot(rows: list[dict], path: pathlib.Path, tokens: str = "bytes") -> None:
     """Perplexity against cache bytes per row: the full cache, POD before and after post-training, H2O at the same bytes."""
     import matplotlib.pyplot as plt
 
@@ -96,7 +97,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         at = f" at the bytes of δ={r['delta']:g}" if r["method"] == "h2o" else ""
         ax.plot(r["kib"], r["perplexity"], {"full": "*", "pod": "o", "pod+snapkv": "D", "h2o": "s"}[r["method"]], ms=8,
                 label=f"{r['method']}, {r['model']}{at}", fillstyle="none" if r["model"] == "untouched" and r["method"] == "pod" else "full")
-    ax.set(xlabel="cache KiB per row", ylabel="held-out perplexity (bytes, log scale)", yscale="log",
+    ax.set(xlabel="cache KiB per row", ylabel=f"held-out perplexity ({tokens}, log scale)", yscale="log",
            title="POD before and after post-training, at equal bytes")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -140,12 +141,17 @@ def main(argv=None):
     result = dict(config=vars(args), model=CONFIG.__dict__, sinks=SINKS, window=WINDOW, blocks={f"{d:g}": b for d, b in blocks.items()},
                   tokens_trained={"pretrain": len(pre_log) * args.batch * T, "post_training_per_model": args.steps * args.batch * T},
                   wall_s=round(time.time() - start), rows=rows, logs=logs, continued_log=control_log)
+    return report(result, out, "pod_replication")
+
+
+def report(result: dict, out: pathlib.Path, stem: str, tokens: str = "bytes") -> dict:
+    """Write `result` as JSON, its rows as a markdown table (printed too) and a plot, under `out`/`stem`.*."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "pod_replication.json", result)
-    table = markdown(rows)
-    (out / "pod_replication.md").write_text(table + "\n")
+    write_json(out / f"{stem}.json", result)
+    table = markdown(result["rows"])
+    (out / f"{stem}.md").write_text(table + "\n")
     print(table)
-    plot(rows, out / "pod_replication.png")
+    plot(result["rows"], out / f"{stem}.png", tokens)
     return result
 
 

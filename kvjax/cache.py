@@ -133,25 +133,35 @@ class KVCache:
         to match, so the next `extra` tokens are appended without evicting anything.
 
         kvpress's protocol (compress a context once, then append the question and the answer
-        uncompressed) is a prefill, then `with_room(question + answer)`. A policy that keeps
+        uncompressed) is a prefill, then `with_room(question + answer)`. Slots stored in KIVI's
+        formats come in groups, so their room is rounded up to whole groups. A policy that keeps
         state sized by its capacity (POD's distant ring, DMC's accumulators) cannot grow: the
         error says so. The new arrays are a copy (the cache changes shape), made once per call.
         """
         if not isinstance(extra, int) or extra < 0:
             raise ValueError(f"with_room: extra must be an int >= 0, got {extra!r}")
-        fixed = sorted({p.name for p, st in zip(self.policies, self.state) if st is not None})
+        fixed = sorted({p.name for p, st in zip(self.policies, self.state) if st is not None and not getattr(st, "grows", False)})
         if fixed:
-            raise ValueError(f"with_room: {', '.join(fixed)} keeps state beside its slots (POD's distant ring, DMC's "
-                             "accumulators, KIVI's residual) and cannot grow; "
+            raise ValueError(f"with_room: {', '.join(fixed)} keeps state sized by its capacity (POD's distant ring, "
+                             "DMC's accumulators) and cannot grow; "
                              "run it under the streaming protocol (the whole prompt through the fixed-capacity cache)")
+        multiple = max((p.kv_format.slot_multiple for p in self.policies if p.kv_format is not None), default=1)
+        extra = -(-extra // multiple) * multiple
 
-        def pad(x, fill):
-            return jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
+        def pad(x, fill, by=extra):
+            return jnp.pad(x, [(0, 0), (0, 0), (0, by)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
 
-        fills = dict(k=0, v=0, pos=EMPTY_POS, valid=False, score=0, k_scale=1, v_scale=1)
-        layers = tuple(lc.replace(**{name: pad(getattr(lc, name), fill) for name, fill in fills.items()
-                                     if getattr(lc, name) is not None}) for lc in self.layers)
-        return self.replace(layers=layers, policies=tuple(_with_capacity(p, p.capacity + extra) for p in self.policies))
+        def grown(lc: LayerCache) -> LayerCache:
+            fills = dict(k=0, v=0, pos=EMPTY_POS, valid=False, score=0, k_scale=1, v_scale=1)
+            out = lc.replace(**{name: pad(getattr(lc, name), fill) for name, fill in fills.items() if getattr(lc, name) is not None})
+            if lc.groups is None:
+                return out
+            by_group = extra * lc.groups.k_scale.shape[2] // lc.slots
+            return out.replace(groups=GroupStats(k_scale=pad(lc.groups.k_scale, 0, by_group), k_zero=pad(lc.groups.k_zero, 0, by_group),
+                                                 v_scale=pad(lc.groups.v_scale, 0), v_zero=pad(lc.groups.v_zero, 0)))
+
+        return self.replace(layers=tuple(map(grown, self.layers)),
+                            policies=tuple(_with_capacity(p, p.capacity + extra) for p in self.policies))
 
 
 def _with_capacity(policy, capacity: int):

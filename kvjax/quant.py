@@ -116,20 +116,31 @@ class GroupedFormat:
 
     def quantize(self, x: Float[Array, "*S N G"], valid: Bool[Array, "*S N G"] | None = None):
         """(codes, scale, zero) of `x` grouped along its last axis; entries not `valid` are left out of
-        the range (their codes are 0). Stats are rounded to float16 before the codes are taken, so
-        quantizing what was dequantized gives the same codes back."""
-        x32 = x.astype(jnp.float32)
+        the range (their codes are 0)."""
         keep = jnp.ones(x.shape, bool) if valid is None else valid
-        lo = jnp.where(keep, x32, jnp.inf).min(-1)
-        hi = jnp.where(keep, x32, -jnp.inf).max(-1)
-        lo, hi = jnp.where(keep.any(-1), lo, 0.0), jnp.where(keep.any(-1), hi, 0.0)
-        scale, zero = ((hi - lo) / self.levels).astype(jnp.float16), lo.astype(jnp.float16)
+        scale, zero = self.stats(*masked_range(x, keep))
+        return jnp.where(keep, self.encode(x, scale, zero), 0).astype(self.dtype), scale, zero
+
+    def stats(self, lo: Float[Array, "*S N"], hi: Float[Array, "*S N"]) -> tuple[Array, Array]:
+        """(scale, zero) in float16 for groups spanning [lo, hi]."""
+        return ((hi - lo) / self.levels).astype(jnp.float16), lo.astype(jnp.float16)
+
+    def encode(self, x: Float[Array, "*S N G"], scale: Float[Array, "*S N"], zero: Float[Array, "*S N"]) -> Array:
+        """The codes of `x` on the grid of the stored (float16) stats, so quantizing what was
+        dequantized gives the same codes back."""
         s, z = scale.astype(jnp.float32)[..., None], zero.astype(jnp.float32)[..., None]
-        codes = jnp.clip(jnp.round((x32 - z) / jnp.where(s > 0, s, 1.0)), 0, self.levels)
-        return jnp.where(keep, codes, 0).astype(self.dtype), scale, zero
+        return jnp.clip(jnp.round((x.astype(jnp.float32) - z) / jnp.where(s > 0, s, 1.0)), 0, self.levels).astype(self.dtype)
 
     def dequantize(self, codes: Shaped[Array, "*S N G"], scale: Float[Array, "*S N"], zero: Float[Array, "*S N"], dtype):
         return (codes.astype(jnp.float32) * scale.astype(jnp.float32)[..., None] + zero.astype(jnp.float32)[..., None]).astype(dtype)
+
+
+def masked_range(x: Float[Array, "*S N G"], keep: Bool[Array, "*S N G"]) -> tuple[Array, Array]:
+    """(min, max) along the last axis over the entries `keep` marks, in float32 (0, 0 where it marks none)."""
+    x32 = x.astype(jnp.float32)
+    lo, hi = jnp.where(keep, x32, jnp.inf).min(-1), jnp.where(keep, x32, -jnp.inf).max(-1)
+    some = keep.any(-1)
+    return jnp.where(some, lo, 0.0), jnp.where(some, hi, 0.0)
 
 
 FORMATS: dict[str, SlotFormat | GroupedFormat] = {

@@ -74,8 +74,9 @@ def run(model, policy, tokens, chunk=16):
 def test_newest_tokens_read_exactly_and_older_as_quantized_when_written(model, name):
     """Layer 0's keys and values come from the embeddings alone, so the float cache holds their exact
     values. Over a full int4/int2 cache: the newest `residual` tokens read back exactly; every
-    older key group reads as KIVI's quantization of its exact keys per channel, every older value
-    as its per-token quantization."""
+    older key is within half a step of its exact value on its group's grid, which spans the
+    group's exact keys per channel (KIVI's per-channel range); every older value is its
+    per-token quantization."""
     fmt = slot_format(name)
     tokens = jax.random.randint(jax.random.key(1), (2, 80), 1, 256)
     _, exact = run(model, kvjax.policies.make("full", capacity=96), tokens)
@@ -87,17 +88,18 @@ def test_newest_tokens_read_exactly_and_older_as_quantized_when_written(model, n
     recent = valid & (pos >= 80 - fmt.residual)
     for field in ("k", "v"):
         np.testing.assert_array_equal(np.asarray(getattr(view, field))[recent], np.asarray(getattr(f, field))[recent])
-    b, h, c, d = f.k.shape
-    by_channel = np.asarray(f.k).reshape(b, h, c // fmt.group, fmt.group, d).swapaxes(-1, -2)
-    filled = valid.reshape(b, h, c // fmt.group, fmt.group)[..., None, :].repeat(d, -2)
-    keys = np.asarray(fmt.dequantize(*fmt.quantize(jnp.asarray(by_channel), jnp.asarray(filled)), jnp.float32))
-    keys = keys.swapaxes(-1, -2).reshape(b, h, c, d)
-    values = np.asarray(fmt.dequantize(*fmt.quantize(f.v.reshape(b, h, c, 1, d)), jnp.float32)).reshape(b, h, c, d)
     old = valid & ~recent
     assert old.sum() > 0
-    np.testing.assert_allclose(np.asarray(view.k)[old], keys[old], rtol=1e-6, atol=1e-6)
+    b, h, c, d = f.k.shape
+    per_slot = lambda stat: np.repeat(np.asarray(stat, np.float64), fmt.group, axis=2)  # noqa: E731  [B H C D]
+    scale, zero = per_slot(q.groups.k_scale), per_slot(q.groups.k_zero)
+    exact_k, seen_k = np.asarray(f.k, np.float64), np.asarray(view.k, np.float64)
+    slack = 2.0**-10 * (np.abs(zero) + fmt.levels * scale)  # float16 stats
+    assert (np.abs(seen_k - exact_k)[old] <= (scale / 2 + slack)[old]).all()
+    assert ((exact_k >= zero - slack) & (exact_k <= zero + fmt.levels * scale + slack))[valid].all()
+    assert np.abs(seen_k - exact_k)[old].max() > 0  # they really are quantized
+    values = np.asarray(fmt.dequantize(*fmt.quantize(f.v.reshape(b, h, c, 1, d)), jnp.float32)).reshape(b, h, c, d)
     np.testing.assert_allclose(np.asarray(view.v)[old], values[old], rtol=1e-6, atol=1e-6)
-    assert np.abs(np.asarray(view.k)[old] - np.asarray(f.k)[old]).max() > 0  # they really are quantized
 
 
 def test_narrower_formats_move_the_nll_more(model):
@@ -157,6 +159,27 @@ def test_kivi_errors_name_the_fix(model):
         Kivi(kvjax.policies.make("h2o", capacity=32), "int8")
     with pytest.raises(ValueError, match="tokens=40 is not a multiple of 32"):
         kvjax.plan_capacity(model, tokens=40, policy="h2o", kv_dtype="int2")
-    cache = kvjax.generate(model, [[1, 2, 3]], policy=kvjax.policies.make("full", capacity=32, kv_dtype="int4"), max_new_tokens=1).cache
-    with pytest.raises(ValueError, match="KIVI's residual"):
+    with pytest.warns(UserWarning, match="retrofit"):
+        cache = kvjax.generate(model, [[1, 2, 3]], policy=kvjax.policies.make("dmc", capacity=32, kv_dtype="int4"), max_new_tokens=1).cache
+    with pytest.raises(ValueError, match="DMC's accumulators"):
         cache.with_room(8)
+
+
+def test_kvpress_protocol_grows_kivi_caches_by_whole_groups(model):
+    """Compress a context once, then append a question and answer uncompressed: `with_room(8)` adds a
+    whole group (32 slots), the stored slots and stats are unchanged, and the answer equals the one
+    from a cache that had the room from the start (a full cache of capacity 64 over 30 tokens)."""
+    context = jax.random.randint(jax.random.key(2), (1, 30), 1, 256)
+    question = jax.random.randint(jax.random.key(3), (1, 5), 1, 256)
+    small = kvjax.generate(model, context, policy=kvjax.policies.make("full", capacity=32, kv_dtype="int4"), max_new_tokens=1, impl="xla").cache
+    before = jax.tree.map(np.asarray, small.layers)
+    grown = small.with_room(8)
+    assert grown.slots == (64, 64) and grown.policies[0].capacity == 64
+    for a, b in zip(before, grown.layers):
+        assert b.groups.k_scale.shape[2] == 2 and b.groups.v_scale.shape[2] == 64
+        np.testing.assert_array_equal(np.asarray(a.k, np.int32), np.asarray(b.k[:, :, :32], np.int32))
+        np.testing.assert_array_equal(a.groups.k_zero, np.asarray(b.groups.k_zero[:, :, :1]))
+        assert not np.asarray(b.valid[:, :, 32:]).any()
+    wide = kvjax.generate(model, context, policy=kvjax.policies.make("full", capacity=64, kv_dtype="int4"), max_new_tokens=1, impl="xla").cache
+    answers = [kvjax.generate(model, question, cache=c, max_new_tokens=4, impl="xla").tokens for c in (grown, wide)]
+    np.testing.assert_array_equal(*map(np.asarray, answers))
