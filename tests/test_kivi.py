@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import kvjax
-from kvjax.policies import Kivi
+from kvjax.policies import Kivi, Quantized
 from kvjax.policies.kivi import read
 from kvjax.quant import slot_format
 from models import Llama, LlamaConfig
@@ -155,8 +155,10 @@ def test_every_kind_of_policy_runs_on_kivi_slots(model, name, options):
 def test_kivi_errors_name_the_fix(model):
     with pytest.raises(ValueError, match="multiple of the group"):
         kvjax.generate(model, [[1, 2, 3]], policy=kvjax.policies.make("h2o", capacity=40, kv_dtype="int4"), max_new_tokens=1)
-    with pytest.raises(ValueError, match="use Quantized"):
+    with pytest.raises(ValueError, match="stored_as"):
         Kivi(kvjax.policies.make("h2o", capacity=32), "int8")
+    with pytest.raises(ValueError, match="KIVI's formats"):
+        Quantized(kvjax.policies.make("h2o", capacity=32), "int4")
     with pytest.raises(ValueError, match="tokens=40 is not a multiple of 32"):
         kvjax.plan_capacity(model, tokens=40, policy="h2o", kv_dtype="int2")
     with pytest.warns(UserWarning, match="retrofit"):

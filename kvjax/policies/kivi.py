@@ -27,6 +27,7 @@ supported. The kvpress protocol's `KVCache.with_room` adds whole groups.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 from flax import struct
@@ -59,10 +60,7 @@ class Residual:
 class Kivi(Quantized):
     """`inner` with its slots in KIVI's `kv_dtype` ("int4" or "int2") and a full-precision residual."""
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.kv_format.grouped:
-            raise ValueError(f"Kivi stores KIVI's grouped formats (int4, int2), not {self.kv_dtype!r}: use Quantized")
+    grouped: ClassVar[bool] = True
 
     def resolve(self, spec) -> tuple["Kivi", ...]:
         fmt = self.kv_format

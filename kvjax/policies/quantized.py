@@ -23,6 +23,7 @@ accumulators) stays in the model's dtype.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -37,13 +38,16 @@ class Quantized(Policy):
 
     inner: Policy
     kv_dtype: str
+    grouped: ClassVar[bool] = False  # stores KIVI's grouped formats (the `Kivi` subclass)
 
     def __post_init__(self):
         if not isinstance(self.inner, Policy):
             raise TypeError(f"Quantized wraps a kvjax Policy, got {type(self.inner).__name__}")
         if isinstance(self.inner, Quantized):
             raise TypeError(f"{self.inner.name} is already stored as {self.inner.kv_dtype}; wrap the policy once")
-        slot_format(self.kv_dtype)  # an unknown format fails here, listing the known ones
+        if slot_format(self.kv_dtype).grouped != self.grouped:  # an unknown format fails here, listing the known ones
+            raise ValueError(f"{type(self).__name__} does not store {self.kv_dtype!r}: int4 and int2 are KIVI's formats "
+                             "(Kivi), the others Quantized's; kvjax.policies.stored_as(policy, kv_dtype) picks the wrapper")
 
     @property
     def name(self) -> str:
