@@ -119,18 +119,18 @@ def write(fmt: GroupedFormat, new: LayerCache, view: LayerCache, stored: LayerCa
     g = fmt.group
     changed = (new.k != view.k).any(-1) | (new.v != view.v).any(-1) | (new.pos != view.pos) | (new.valid != view.valid)
     each = lambda mask: _by_channel(jnp.broadcast_to(mask[..., None], new.k.shape), g)  # noqa: E731
-    keys, old_codes = _by_channel(new.k, g), _by_channel(stored.k, g)
-    fresh, kept = each(new.valid & changed), each(new.valid & ~changed)
+    keys, old_codes, valid = _by_channel(new.k, g), _by_channel(stored.k, g), each(new.valid)
+    fresh, kept = valid & each(changed), valid & ~each(changed)
     lo, hi = masked_range(keys, fresh)
     old_scale, old_zero = stored.groups.k_scale, stored.groups.k_zero
     old_lo = old_zero.astype(jnp.float32)
     old_hi = old_lo + fmt.levels * old_scale.astype(jnp.float32)
     inside = ~fresh.any(-1) | (kept.any(-1) & (lo >= old_lo) & (hi <= old_hi))
-    scale, zero = fmt.stats(*masked_range(keys, fresh | kept))
+    scale, zero = fmt.stats(*masked_range(keys, valid))
     scale, zero = jnp.where(inside, old_scale, scale), jnp.where(inside, old_zero, zero)
     recode = ~inside[..., None] | each(changed)
     k_codes = jnp.where(recode, fmt.encode(keys, scale, zero), old_codes)
-    k_codes = jnp.where(each(new.valid), k_codes, 0).astype(fmt.dtype).swapaxes(-1, -2).reshape(b, h, c, d)
+    k_codes = jnp.where(valid, k_codes, 0).astype(fmt.dtype).swapaxes(-1, -2).reshape(b, h, c, d)
     v_codes, v_scale, v_zero = fmt.quantize(_by_token(new.v, fmt))
     row = changed[..., None]
     stats = GroupStats(k_scale=scale, k_zero=zero, v_scale=jnp.where(row, v_scale, stored.groups.v_scale),
