@@ -39,7 +39,7 @@ from experiments.notebook import model_and_tokenizer
 from experiments.results import append_jsonl, read_jsonl
 from kvjax.evaluate import PROTOCOLS, answer
 from kvjax.plan import parse_bytes
-from kvjax.quant import FORMATS
+from kvjax.quant import FORMATS, slot_format
 
 BASELINES = ["streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm"]
 OPTIONS = {"snapkv": dict(window=16), "pyramidkv": dict(window=8, beta=4.0)}  # observation windows that fit 1/8 budgets
@@ -59,11 +59,13 @@ def policy_for(model, policy: str, budget: str, context: int, extra: int):
     """The policy of a cell (a `label`); `extra` slots more for `full` (question + answer under
     streaming). A byte budget is per sample: planned for one row, and every row of a batch gets as much."""
     name, kv_dtype = parse_label(policy)
+    group = 1 if kv_dtype is None else slot_format(kv_dtype).slot_multiple  # KIVI's formats: whole groups of slots
     if name == "full":
-        return kvjax.policies.make("full", capacity=context + extra, kv_dtype=kv_dtype)
+        return kvjax.policies.make("full", capacity=-(-(context + extra) // group) * group, kv_dtype=kv_dtype)
     options = dict(OPTIONS.get(name, {}), kv_dtype=kv_dtype)
     if budget.replace(".", "", 1).isdigit():
-        return kvjax.policies.make(name, capacity=max(int(float(budget) * context), 8), **options)
+        capacity = max(int(float(budget) * context), 8)
+        return kvjax.policies.make(name, capacity=max(capacity - capacity % group, group), **options)
     return kvjax.plan_capacity(model, parse_bytes(budget), policy=name, **options).policy().inner
 
 

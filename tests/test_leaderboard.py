@@ -138,11 +138,19 @@ def test_leaderboard_runs_policies_in_slot_formats_at_equal_bytes(tmp_path):
 
 def test_a_byte_budget_gives_every_policy_the_same_bytes_per_row(tiny):
     """'64KiB' is per sample: each policy's cache holds at most that per row, whatever the batch."""
-    for name in ["h2o", "snapkv", "streaming_llm", "h2o@int8", "snapkv@fp8"]:
+    for name in ["h2o", "snapkv", "streaming_llm", "h2o@int8", "snapkv@fp8", "h2o@int4"]:
         policy = leaderboard.policy_for(tiny, name, "64KiB", context=600, extra=10)
         for batch in (1, 3):
             nbytes = jax.eval_shape(lambda: tiny.cache_spec().init(policy, batch)).nbytes
             assert 0.9 * 64 * 2**10 * batch <= nbytes <= 64 * 2**10 * batch, (name, batch, nbytes)
+
+
+def test_kivi_cells_get_whole_groups_of_slots(tiny):
+    """KIVI's formats store slots in groups of 32: a fraction budget rounds down to whole groups, the
+    full cache up (it must hold the whole sample)."""
+    assert leaderboard.policy_for(tiny, "h2o@int4", "0.25", context=600, extra=10).capacity == 128  # 150 -> 128
+    assert leaderboard.policy_for(tiny, "full@int2", "1.0", context=600, extra=10).capacity == 640  # 610 -> 640
+    assert leaderboard.policy_for(tiny, "h2o@int8", "0.25", context=600, extra=10).capacity == 150
 
 
 def test_long_perplexity_runs_resumes_and_a_budget_of_the_whole_text_is_the_full_cache(tmp_path, monkeypatch):
