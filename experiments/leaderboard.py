@@ -38,7 +38,7 @@ from experiments import ruler
 from experiments.notebook import model_and_tokenizer
 from experiments.results import append_jsonl, read_jsonl
 from kvjax.evaluate import PROTOCOLS, answer
-from kvjax.plan import parse_bytes
+from kvjax.plan import BudgetTooSmall, parse_bytes
 from kvjax.quant import FORMATS, slot_format
 
 BASELINES = ["streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm"]
@@ -179,12 +179,18 @@ def main(argv=None):
     todo = [c for c in cells if c not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {out}")
     cache: dict[str, list] = {}
+    unfit = {}  # (policy, budget) -> why a cell's budget cannot hold the policy (its format's fixed parts, say)
     start = time.perf_counter()
     for task, policy, budget, protocol in tqdm(todo, desc="cells", unit="cell"):
         if task not in cache:
             cache[task] = ruler.samples(task, tokenizer, args.context, args.samples, seed=args.seed)
-        row = run_cell(model, tokenizer, cache[task], policy, budget, protocol, context=args.context,
-                       new_tokens=args.new_tokens, batch=args.batch)
+        try:
+            row = run_cell(model, tokenizer, cache[task], policy, budget, protocol, context=args.context,
+                           new_tokens=args.new_tokens, batch=args.batch)
+        except BudgetTooSmall as err:
+            unfit[(policy, budget)] = str(err)
+            tqdm.write(f"{policy} at {budget} does not fit: {err}")
+            continue
         row.update(model=args.model, context=args.context, seed=args.seed)
         append_jsonl(out, row)
         jax.clear_caches()  # each cell compiles its own programs; keeping all, one run of 16 SmolLM2 cells ran out of LLVM's memory maps
@@ -194,7 +200,8 @@ def main(argv=None):
     if dropped:
         print(f"\ndropped (full-cache score < {args.min_ceiling}: the model cannot do them at {args.context} tokens): {', '.join(dropped)}")
     print(f"\nwall time this run: {time.perf_counter() - start:.0f} s; cells: {len(rows)}")
-    out.with_suffix(".md").write_text(table + ("\n\ndropped: " + ", ".join(dropped) if dropped else "") + "\n")
+    does_not_fit = "".join(f"\n\n{p} at {b} does not fit: {why}" for (p, b), why in unfit.items())
+    out.with_suffix(".md").write_text(table + ("\n\ndropped: " + ", ".join(dropped) if dropped else "") + does_not_fit + "\n")
     print(f"wrote {out.with_suffix('.md')} and {plot(rows, dropped, out.with_suffix('.png'))}")
     return rows
 

@@ -46,6 +46,11 @@ def slot_bytes(spec: CacheSpec, batch: int, fmt: SlotFormat | None = None) -> in
     return batch * spec.kv_heads * (kv + 4 + 1 + 4)
 
 
+class BudgetTooSmall(ValueError):
+    """A byte budget below what the policy's protected tokens (and its format's fixed parts) need;
+    the message names the minimum."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Planned(Policy):
     """A policy sized by `plan_capacity` for `batch` rows: its cache holds `nbytes` bytes only for that batch."""
@@ -223,8 +228,8 @@ def plan_capacity(
                          f"tokens={tokens} is not a multiple of {multiple}")
     global_slots = [s - s % multiple for s in global_slots]
     if min(global_slots) < minimum:
-        need = fixed + minimum * len(globals_) * per_slot
-        raise ValueError(
+        need = fixed + -(-minimum // multiple) * multiple * len(globals_) * per_slot
+        raise BudgetTooSmall(
             f"plan_capacity: {budget if budget is not None else f'tokens={tokens}'} leaves {min(global_slots)} slots in a layer, "
             f"but {policy} protects {minimum} tokens per layer; the minimum budget is {need} bytes "
             f"({need / 2**20:.3f} MiB) for batch={batch}"
@@ -250,7 +255,7 @@ def _plan_by_bytes(spec: CacheSpec, budget, tokens, policy: str, per_layer, batc
     else:
         budget_bytes, need = parse_bytes(budget), cost(minimum)
         if need > budget_bytes:
-            raise ValueError(
+            raise BudgetTooSmall(
                 f"plan_capacity: {budget} cannot hold the {minimum} slots {policy} needs per layer; the minimum budget is "
                 f"{need} bytes ({need / 2**20:.3f} MiB) for batch={batch}"
             )

@@ -16,6 +16,7 @@ from flax import nnx
 import kvjax
 from experiments import leaderboard, long_perplexity, quantized_budget, ruler
 from kvjax.evaluate import answer
+from kvjax.plan import BudgetTooSmall
 from models import Llama, LlamaConfig
 
 BYTES = ruler.ByteTokenizer()
@@ -151,6 +152,8 @@ def test_kivi_cells_get_whole_groups_of_slots(tiny):
     assert leaderboard.policy_for(tiny, "h2o@int4", "0.25", context=600, extra=10).capacity == 128  # 150 -> 128
     assert leaderboard.policy_for(tiny, "full@int2", "1.0", context=600, extra=10).capacity == 640  # 610 -> 640
     assert leaderboard.policy_for(tiny, "h2o@int8", "0.25", context=600, extra=10).capacity == 150
+    with pytest.raises(BudgetTooSmall, match="the minimum budget is"):  # the leaderboard reports such a cell as not fitting
+        leaderboard.policy_for(tiny, "h2o@int4", "16KiB", context=600, extra=10)  # the exact residual alone is 16 KiB
 
 
 def test_long_perplexity_runs_resumes_and_a_budget_of_the_whole_text_is_the_full_cache(tmp_path, monkeypatch):
