@@ -118,10 +118,10 @@ class GroupedFormat:
         """(codes, scale, zero) of `x` grouped along its last axis; entries not `valid` are left out of
         the range (their codes are 0)."""
         keep = jnp.ones(x.shape, bool) if valid is None else valid
-        scale, zero = self.stats(*masked_range(x, keep))
+        scale, zero = self.grid(*masked_range(x, keep))
         return jnp.where(keep, self.encode(x, scale, zero), 0).astype(self.dtype), scale, zero
 
-    def stats(self, lo: Float[Array, "*S N"], hi: Float[Array, "*S N"]) -> tuple[Array, Array]:
+    def grid(self, lo: Float[Array, "*S N"], hi: Float[Array, "*S N"]) -> tuple[Array, Array]:
         """(scale, zero) in float16 for groups spanning [lo, hi]."""
         return ((hi - lo) / self.levels).astype(jnp.float16), lo.astype(jnp.float16)
 

@@ -126,7 +126,7 @@ def write(fmt: GroupedFormat, new: LayerCache, view: LayerCache, stored: LayerCa
     old_lo = old_zero.astype(jnp.float32)
     old_hi = old_lo + fmt.levels * old_scale.astype(jnp.float32)
     inside = ~fresh.any(-1) | (kept.any(-1) & (lo >= old_lo) & (hi <= old_hi))
-    scale, zero = fmt.stats(*masked_range(keys, valid))
+    scale, zero = fmt.grid(*masked_range(keys, valid))
     scale, zero = jnp.where(inside, old_scale, scale), jnp.where(inside, old_zero, zero)
     recode = ~inside[..., None] | each(changed)
     k_codes = jnp.where(recode, fmt.encode(keys, scale, zero), old_codes)
