@@ -43,6 +43,13 @@ class GroupStats:
         zeros = lambda shape: jnp.zeros(shape, jnp.float16)  # noqa: E731
         return cls(k_scale=zeros(keys), k_zero=zeros(keys), v_scale=zeros(values), v_zero=zeros(values))
 
+    def grown(self, extra: int, slots: int) -> "GroupStats":
+        """The stats of a layer of `slots` slots grown by `extra` empty ones (whole key groups)."""
+        pad = lambda x, by: jnp.pad(x, [(0, 0), (0, 0), (0, by), (0, 0)])  # noqa: E731
+        groups = extra * self.k_scale.shape[2] // slots
+        return GroupStats(k_scale=pad(self.k_scale, groups), k_zero=pad(self.k_zero, groups),
+                          v_scale=pad(self.v_scale, extra), v_zero=pad(self.v_zero, extra))
+
 
 @struct.dataclass
 class LayerCache:
@@ -148,17 +155,13 @@ class KVCache:
         multiple = max((p.kv_format.slot_multiple for p in self.policies if p.kv_format is not None), default=1)
         extra = -(-extra // multiple) * multiple
 
-        def pad(x, fill, by=extra):
-            return jnp.pad(x, [(0, 0), (0, 0), (0, by)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
+        def pad(x, fill):
+            return jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
 
         def grown(lc: LayerCache) -> LayerCache:
             fills = dict(k=0, v=0, pos=EMPTY_POS, valid=False, score=0, k_scale=1, v_scale=1)
             out = lc.replace(**{name: pad(getattr(lc, name), fill) for name, fill in fills.items() if getattr(lc, name) is not None})
-            if lc.groups is None:
-                return out
-            by_group = extra * lc.groups.k_scale.shape[2] // lc.slots
-            return out.replace(groups=GroupStats(k_scale=pad(lc.groups.k_scale, 0, by_group), k_zero=pad(lc.groups.k_zero, 0, by_group),
-                                                 v_scale=pad(lc.groups.v_scale, 0), v_zero=pad(lc.groups.v_zero, 0)))
+            return out if lc.groups is None else out.replace(groups=lc.groups.grown(extra, lc.slots))
 
         return self.replace(layers=tuple(map(grown, self.layers)),
                             policies=tuple(_with_capacity(p, p.capacity + extra) for p in self.policies))
