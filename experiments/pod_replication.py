@@ -33,7 +33,7 @@ from flax import nnx
 
 import kvjax
 from experiments.dmc_replication import CONFIG, corpus, perplexity, pretrained, run_stage, with_scale
-from experiments.results import write_json
+from experiments.results import save_figure, write_json
 from kvjax import retrofit
 from kvjax.data import PackedBatches
 
@@ -100,10 +100,7 @@ def plot(rows: list[dict], path: pathlib.Path, tokens: str = "bytes") -> None:
     ax.set(xlabel="cache KiB per row", ylabel=f"held-out perplexity ({tokens}, log scale)", yscale="log",
            title="POD before and after post-training, at equal bytes")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None):

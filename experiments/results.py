@@ -25,3 +25,14 @@ def append_jsonl(path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def save_figure(fig, path) -> pathlib.Path:
+    """Lay out `fig`, write it to `path` at 120 dpi and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return pathlib.Path(path)

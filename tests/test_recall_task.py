@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
@@ -11,34 +9,40 @@ from experiments import recall
 from kvjax.data import byte_tokens
 
 TEXT = byte_tokens("It is a truth universally acknowledged, that a single man in possession of a good fortune must be in want of a wife. " * 40)
-PAIR = re.compile(rb"<([A-Z]{3})=(\d{4})>")
 
 
-def as_bytes(ids) -> bytes:
-    return bytes(np.asarray(ids, np.uint8))
+def pairs_in(row) -> list[tuple[int, int, int]]:
+    """(offset, key, value) of every key byte in `row` and the byte after it."""
+    row = np.asarray(row)
+    return [(int(i), int(row[i]), int(row[i + 1])) for i in np.flatnonzero(np.isin(row, recall.KEYS))]
 
 
 def test_score_is_exact_match_of_the_whole_value():
-    assert recall.score("1234", "1234")
-    assert recall.score("1234>", "1234")  # what follows the value is not judged
-    assert not recall.score("1243", "1234")
-    assert not recall.score("123", "1234")  # too short
-    assert not recall.score(" 1234", "1234")  # the answer must come first
+    assert recall.score("q", "q")
+    assert recall.score("q. And", "q")  # what follows the value is not judged
+    assert not recall.score("r", "q")
+    assert not recall.score("", "q")  # nothing answered
+    assert not recall.score(" q", "q")  # the answer must come first
+    assert recall.score("abc", "abc") and not recall.score("ab", "abc")
+
+
+def test_keys_never_occur_in_text_and_values_are_letters():
+    assert not np.isin(byte_tokens("Dear Mr. Darcy,\tIt is\r\n"), recall.KEYS).any()  # tab, CR, LF are not keys
+    assert len(recall.KEYS) == 28 and set(bytes(recall.VALUES.astype(np.uint8)).decode()) == set("abcdefghijklmnopqrstuvwxyz")
 
 
 def test_training_batches_are_a_function_of_seed_and_step():
-    mix = recall.RecallMix(TEXT, 256, 6, seed=5, pairs=8, repeats=6)
-    np.testing.assert_array_equal(mix(7), recall.RecallMix(TEXT, 256, 6, seed=5, pairs=8, repeats=6)(7))
+    mix = recall.RecallMix(TEXT, 256, 6, seed=5)
+    np.testing.assert_array_equal(mix(7), recall.RecallMix(TEXT, 256, 6, seed=5)(7))
     assert not np.array_equal(mix(7), mix(8))
-    assert not np.array_equal(mix(7), recall.RecallMix(TEXT, 256, 6, seed=6, pairs=8, repeats=6)(7))
+    assert not np.array_equal(mix(7), recall.RecallMix(TEXT, 256, 6, seed=6)(7))
     assert mix(7).shape == (6, 257) and mix(7).dtype == np.int32
 
 
 def test_recall_rows_hold_distinct_pairs_and_repeat_them_later():
-    rng = np.random.default_rng(0)
-    row = as_bytes(recall.recall_row(TEXT, 400, rng, pairs=6, repeats=5))
+    row = recall.recall_row(TEXT, 400, np.random.default_rng(0), pairs=6, repeats=5)
     assert len(row) == 400
-    items = [(m.start(), m.group(1), m.group(2)) for m in PAIR.finditer(row)]
+    items = pairs_in(row)
     assert len(items) == 11
     first = {}
     for at, key, value in items:
@@ -56,14 +60,18 @@ def test_eval_samples_are_deterministic_and_ask_a_pair_of_their_context():
     assert [s.answer for s in a] != [s.answer for s in recall.samples(TEXT, 300, 4, pairs=5, seed=3)]
     for s in a:
         assert len(s.context) + len(s.question) == 300
-        key = re.fullmatch(rb"<([A-Z]{3})=", as_bytes(s.question)).group(1)
-        pairs = dict((k, v.decode()) for k, v in PAIR.findall(as_bytes(s.context)))
-        assert len(pairs) == 5 and pairs[key] == s.answer
+        pairs = {key: chr(value) for _, key, value in pairs_in(s.context)}
+        assert len(pairs) == 5 and pairs[int(s.question[0])] == s.answer
         assert 0 <= s.depth <= 1
+
+
+def test_more_pairs_than_keys_are_refused():
+    with pytest.raises(ValueError, match="fewer pairs"):
+        recall.draw_pairs(np.random.default_rng(0), len(recall.KEYS) + 1)
 
 
 def test_rows_the_pairs_or_the_text_cannot_fill_are_refused():
     with pytest.raises(ValueError, match="fewer pairs, longer rows or more text"):
-        recall.RecallMix(TEXT, 256, 2)  # 16 pairs + 12 repeats of 10 bytes overflow 257
+        recall.RecallMix(TEXT, 128, 2)  # 28 pairs + 300 repeats of 2 bytes overflow 129
     with pytest.raises(ValueError, match="more text"):
         recall.samples(TEXT[:50], 300, 1)
