@@ -170,11 +170,12 @@ def summary(rows: list[dict]) -> str:
         if r["method"] not in ("pod", "pod+snapkv", "dmc") or r["model"] == "pretrained":
             continue
         before = [b for b in rows if b["method"] == r["method"] and b["model"] == "pretrained"]
+        untrained = "— (no untrained form)" if r["method"] == "dmc" else "not run"
         peers = [b for b in rows if b["method"] in BASELINES and abs(b["kib"] - r["kib"]) < 1]
         best = max(peers, key=lambda b: (*(b[task] for task in TASKS), -b["perplexity"]), default=None)
         peer = f"{best['method']} ({best['capacity']} slots) | {quality(best)}" if best else "not run | "
         lines.append(f"| {r['method']} | {r['model']} | {r['kib']:.0f} | {quality(r)} | "
-                     f"{quality(before[0]) if before else '— (no untrained form)'} | {peer} |")
+                     f"{quality(before[0]) if before else untrained} | {peer} |")
     return "\n".join(lines)
 
 
@@ -215,7 +216,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
                         ms=9, label=f"{r['method']}, {r['model']}", fillstyle="none" if r["model"] == "pretrained" else "full")
         pairs = TASKS.get(metric)
         ax.set(xlabel="cache KiB per row", xscale="log", ylabel="held-out perplexity (bytes)" if pairs is None else "exact-match accuracy",
-               title="text perplexity, 1,024-byte windows" if pairs is None else f"{metric}: 1 of {pairs} pairs asked after {T - 1:,} bytes")
+               title="text perplexity, 1,024-byte windows" if pairs is None else
+               f"{metric}: {'one pair' if pairs == 1 else f'{pairs} pairs'} in {T - 2:,} bytes, then a key")
     axes[-1].set_yscale("log")
     axes[0].legend(fontsize=7, ncol=2)
     save_figure(fig, path)
