@@ -45,10 +45,14 @@ class Sample:
     depth: float  # where the asked pair sits in the context, 0 (start) to 1 (end)
 
 
-def draw_pairs(rng: np.random.Generator, count: int) -> np.ndarray:
-    """[count, 2] (key, value) byte pairs with distinct keys."""
+def check_pairs(count: int) -> None:
     if count > len(KEYS):
         raise ValueError(f"{count} pairs need more distinct keys than the {len(KEYS)} there are; ask for fewer pairs")
+
+
+def draw_pairs(rng: np.random.Generator, count: int) -> np.ndarray:
+    """[count, 2] (key, value) byte pairs with distinct keys."""
+    check_pairs(count)
     return np.stack([rng.choice(KEYS, count, replace=False), rng.choice(VALUES, count)], 1)
 
 
@@ -99,8 +103,7 @@ class RecallMix:
 
     def __post_init__(self):
         filler_room(self.text, self.seq_len + 1, self.pairs + self.repeats)
-        if self.pairs > len(KEYS):
-            raise ValueError(f"pairs={self.pairs} exceeds the {len(KEYS)} distinct keys; ask for fewer pairs")
+        check_pairs(self.pairs)
 
     def __call__(self, step: int) -> np.ndarray:
         rows = []
@@ -118,11 +121,11 @@ def samples(text: np.ndarray, length: int, count: int, *, pairs: int = 16, seed:
     """`count` questions over contexts of `length` bytes of `text` (question included), `pairs` pairs
     each at uniform random offsets; the asked pair is drawn uniformly among them."""
     rng = np.random.default_rng([seed, length, pairs])
+    room = filler_room(text, length - 1, pairs)  # the question is the key: one byte
     out = []
     for _ in range(count):
         drawn = draw_pairs(rng, pairs)
         asked = int(rng.integers(0, pairs))
-        room = filler_room(text, length - 1, pairs)
         start = int(rng.integers(0, len(text) - room))
         at = rng.integers(0, room, pairs)
         context = splice(text[start : start + room], [(int(o), p) for o, p in zip(at, drawn)])
