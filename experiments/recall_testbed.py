@@ -2,10 +2,9 @@
 
 1. Pretrain the byte-level Llama of `experiments.dmc_replication` from scratch on
    a mix (`experiments.recall.RecallMix`): a quarter of the rows Austen +
-   Shakespeare, three quarters the same text with 28 key-value pairs and 300
-   repeats of them spliced in, first in 128-byte rows, then in 1,024-byte ones
-   (`pretrained`). On the `cpu` preset's budget the model learned which letters
-   are values but not the look-up of a key (README: the recall testbed).
+   Shakespeare, three quarters the same text with key-value pairs and repeats
+   of them spliced in, in a curriculum of 32-, 128- and 1,024-byte rows
+   (`pretrained`; shorter rows first, or the look-up is not learned).
 2. From it, each for the same steps on the same mix: a continued-training
    control, DMC retrofits at 2x and 4x (the three stages of arXiv 2403.09636,
    Sec. 4) and POD's post-training (arXiv 2412.02252, Sec. 3.3) at one delta.
@@ -55,26 +54,37 @@ TASKS = {"passkey": 1, "recall-16": 16}  # pairs per context
 FRACTIONS = (0.5, 0.25)
 BASELINES = ["h2o", "snapkv", "streaming_llm", "tova", "kvmerger", "bct"]
 OPTIONS = {"kvmerger": dict(exclude_layers=())}  # merge in every layer: excluding 0, 1 and -1 would leave one of four
-SCALES = {  # "cpu" is what the README reports (this 2-core machine); "accelerator" is for a lent GPU/TPU (not run yet)
+SCALES = {  # "cpu" is what the README reports (this 2-core machine); "accelerator" is for a lent GPU/TPU (not run yet).
+    # pretrain_steps is per stage of CURRICULUM.
     "cpu": dict(pretrain_steps=400, steps=120, batch=4, samples=48, windows=16),
     "accelerator": dict(pretrain_steps=5000, steps=3000, batch=32, samples=256, windows=64),
 }
 
 
+CURRICULUM = (  # (row bytes, pairs, repeats, learning rate): the same bytes per step in each stage
+    (32, 4, 10, 2e-3),
+    (128, 12, 40, 2e-3),
+    (T, 28, 300, 1e-3),
+)
+
+
 def pretrained(text, steps: int, batch: int, workdir: pathlib.Path):
     """The model pretrained from scratch on the text/recall mix (resumed or read back from `workdir`), and its log.
 
-    A curriculum of two stages of `steps` each: first 128-byte rows (batch x 8 of them, the same bytes per
-    step), where attention at initialisation spreads over few positions, so the gradient towards the one
-    that holds the key is stronger; then 1,024-byte rows, to reach that far. Trained on 1,024-byte rows
-    alone (four tries, 12 to 300 repeats per row), the model had learned no recall after 200-400 steps;
-    with this curriculum it learned the set of values, not yet the look-up."""
+    A curriculum (`CURRICULUM`) of `steps` steps per stage, each on rows of `batch` x 1,024 bytes: 32-byte
+    rows with 4 pairs, then 128-byte rows with 12, then 1,024-byte rows with 28. The look-up is an
+    induction circuit (a head that copies the key into its value's position, then one that matches the
+    asked key there; Olsson et al., arXiv 2209.11895), and at initialisation attention spreads over every
+    position, so the gradient towards the one that holds the key shrinks with the row. Measured on this
+    model: on 32-byte rows the accuracy on keys' values jumped from 0.15 (the set of values) to 0.72 (the
+    most the rows allow) between steps 200 and 270, while a curriculum that began at 128-byte rows had
+    learned only the set of values after 900 steps, and 1,024-byte rows alone nothing in 200-400."""
     model = Llama(CONFIG, rngs=nnx.Rngs(0))
-    short = recall.RecallMix(text, 128, batch * 8, seed=0, pairs=12, repeats=40)
-    log = run_stage(model, retrofit.language_model_loss(), short, steps, 2e-3, workdir / "short", "pretrain, 128-byte rows",
-                    warmup=min(100, steps // 10))
-    log += run_stage(model, retrofit.language_model_loss(), recall.RecallMix(text, T, batch, seed=0), steps, 1e-3,
-                     workdir / "long", "pretrain, 1,024-byte rows", warmup=min(50, steps // 10))
+    log = []
+    for length, pairs, repeats, lr in CURRICULUM:
+        rows = recall.RecallMix(text, length, batch * T // length, seed=0, pairs=pairs, repeats=repeats)
+        log += run_stage(model, retrofit.language_model_loss(), rows, steps, lr, workdir / f"rows-{length}",
+                         f"pretrain, {length}-byte rows", warmup=min(100, steps // 10))
     return model, log
 
 

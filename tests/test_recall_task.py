@@ -75,3 +75,19 @@ def test_rows_the_pairs_or_the_text_cannot_fill_are_refused():
         recall.RecallMix(TEXT, 128, 2)  # 28 pairs + 300 repeats of 2 bytes overflow 129
     with pytest.raises(ValueError, match="more text"):
         recall.samples(TEXT[:50], 300, 1)
+
+
+def test_every_curriculum_stage_makes_rows_of_equal_bytes_per_step():
+    """The testbed's pretraining stages are feasible rows (pairs and repeats fit) and each step trains on
+    batch x 1,024 bytes, so stages compare step for step."""
+    from experiments.recall_testbed import CURRICULUM, T
+
+    batch = 2
+    lengths = []
+    for length, pairs, repeats, _ in CURRICULUM:
+        rows = recall.RecallMix(TEXT, length, batch * T // length, seed=0, pairs=pairs, repeats=repeats, recall_fraction=1.0)(0)
+        assert rows.shape == (batch * T // length, length + 1)  # inputs of `length` bytes and one target byte more
+        assert (rows.shape[1] - 1) * rows.shape[0] == batch * T
+        assert all(len(pairs_in(row)) == pairs + repeats for row in rows)
+        lengths.append(length)
+    assert lengths == sorted(lengths) and lengths[-1] == T  # short rows first, the testbed's length last
