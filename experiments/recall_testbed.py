@@ -10,8 +10,11 @@
    Sec. 4) and POD's post-training (arXiv 2412.02252, Sec. 3.3) at one delta.
 3. At equal cache bytes per row, on held-out text:
    - recall accuracy, greedy exact match, under the streaming protocol (the
-     question streams through the fixed-capacity cache too, so no policy knows
-     what will be asked while it compresses), on two tasks (`TASKS`): a passkey
+     question streams through the fixed-capacity cache too, in the last
+     128-byte prefill chunk with the context's tail: a policy that scores by
+     that chunk's queries, SnapKV, or by the newest query, TOVA, sees the asked
+     key at its last compression; H2O's summed mass and StreamingLLM's recency
+     do not), on two tasks (`TASKS`): a passkey
      (one pair in 1,022 bytes of text, then its key) and associative recall
      (16 pairs, one asked);
    - perplexity of the second half of 1,024-byte text windows.
@@ -36,6 +39,7 @@ import dataclasses
 import pathlib
 import time
 
+import jax
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -140,6 +144,7 @@ class Cells:
                    f"perplexity {ppl:6.3f}  " + "  ".join(f"{task} {acc:.2f}" for task, acc in accuracy.items()))
         self.rows.append(row)
         append_jsonl(self.path, row)
+        jax.clear_caches()  # each cell compiles its own programs; keeping all, the first full run ran out of LLVM's memory maps at cell 41
         return row
 
 
@@ -214,7 +219,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = [*TASKS, "perplexity"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.8))
+    fig, (*axes, key) = plt.subplots(1, len(metrics) + 1, figsize=(6 * len(metrics) + 3, 4.8),
+                                     gridspec_kw=dict(width_ratios=[6] * len(metrics) + [3]))
     for ax, metric in zip(axes, metrics):
         for r in rows:
             if r["method"] == "full":
@@ -231,7 +237,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
                title="text perplexity, 1,024-byte windows" if pairs is None else
                f"{metric}: {'one pair' if pairs == 1 else f'{pairs} pairs'} in {T - 2:,} bytes, then a key")
     axes[-1].set_yscale("log")
-    axes[0].legend(fontsize=7, ncol=2)
+    key.axis("off")  # the legend gets its own panel, over no curve
+    key.legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=8)
     save_figure(fig, path)
 
 
