@@ -101,6 +101,16 @@ def row_bytes(policy_name: str, slots: int, **options) -> int:
     return kvjax.plan_capacity(config_for(policy_name), tokens=slots, policy=policy_name, **options).nbytes
 
 
+def lookup_accuracy(model, rows) -> float:
+    """Greedy accuracy of `model` (full attention, no cache) on the byte after each key in `rows` ([N, L + 1],
+    as `recall.RecallMix` makes them): how much of the look-up pretraining taught. A pair's first sight in a
+    row cannot be predicted, so the most a row allows is the share of keys that are repeats."""
+    rows = np.asarray(rows)
+    logits, _ = model.full_sequence(jax.numpy.asarray(rows[:, :-1]), retrofit.vanilla_attention, jax.random.key(0))
+    at_key = np.isin(rows[:, :-1], recall.KEYS)
+    return float((np.asarray(logits).argmax(-1) == rows[:, 1:])[at_key].mean())
+
+
 def at_bytes(name: str, nbytes: int) -> kvjax.Policy:
     """Policy `name` with as many slots as `nbytes` per row hold."""
     return kvjax.plan_capacity(config_for(name), nbytes, policy=name, **OPTIONS.get(name, {})).policy().inner
@@ -263,6 +273,10 @@ def main(argv=None):
 
     train_text, held = corpus()
     model, pre_log = pretrained(train_text, args.pretrain_steps, args.batch, workdir / f"pretrain-{args.pretrain_steps}")
+    lookup = {length: lookup_accuracy(model, recall.RecallMix(train_text, length, 4 * T // length, seed=2, pairs=pairs,
+                                                              repeats=repeats, recall_fraction=1.0)(0))
+              for length, pairs, repeats, _ in CURRICULUM}  # fresh rows of each stage, every one with pairs
+    print("pretrained look-up accuracy on the byte after a key, by row bytes:", lookup)
     tag = f"{args.pretrain_steps}-{args.steps}"
     batches = recall.RecallMix(train_text, T, args.batch, seed=1)  # later stages go on with new batches of the same mix
     models, logs = {"pretrained": model}, {}
@@ -283,7 +297,8 @@ def main(argv=None):
     cells = Cells(workdir / f"cells-{tag}-{args.samples}-{n}.jsonl", held[: n * T].reshape(n, T), samples)
     evaluate(cells, models, owners, args.crs, args.matched)
     per_step = args.batch * T
-    result = dict(config=vars(args), model=CONFIG.__dict__, pod_owners=owners, wall_s=round(time.time() - start),
+    result = dict(config=vars(args), model=CONFIG.__dict__, pod_owners=owners, lookup_accuracy=lookup,
+                  this_process_wall_s=round(time.time() - start),  # a resumed run's own; the seconds below sum every run's
                   tokens_trained={"pretrain": len(pre_log) * per_step, "per_later_model": args.steps * per_step},
                   train_seconds={"pretrain": round(train_seconds(pre_log, per_step)),
                                  **{name: round(train_seconds(log, per_step)) for name, log in logs.items()}},

@@ -91,3 +91,23 @@ def test_every_curriculum_stage_makes_rows_of_equal_bytes_per_step():
         assert all(len(pairs_in(row)) == pairs + repeats for row in rows)
         lengths.append(length)
     assert lengths == sorted(lengths) and lengths[-1] == T  # short rows first, the testbed's length last
+
+
+def test_lookup_accuracy_scores_only_the_bytes_after_keys():
+    """An oracle that knows every next byte except after two of the keys scores (keys - 2) / keys, whatever it
+    gets wrong elsewhere: only positions whose input is a key count, and target i is row byte i + 1."""
+    from experiments.recall_testbed import lookup_accuracy
+
+    rows = recall.RecallMix(TEXT, 128, 3, seed=0, pairs=4, repeats=10, recall_fraction=1.0)(0)
+    keys = [tuple(at) for at in np.argwhere(np.isin(rows[:, :-1], recall.KEYS))]  # inputs that are keys
+    wrong_keys = keys[:2]
+
+    class Oracle:
+        def full_sequence(self, inputs, attention_fn, key):
+            truth = np.array(rows[:, 1:])
+            for r, i in wrong_keys:
+                truth[r, i] = (truth[r, i] + 1) % 256
+            truth[~np.isin(rows[:, :-1], recall.KEYS)] = 0  # wrong away from keys: must not count
+            return np.eye(256)[truth], None
+
+    assert lookup_accuracy(Oracle(), rows) == pytest.approx((len(keys) - 2) / len(keys))
