@@ -40,6 +40,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -72,6 +73,13 @@ CURRICULUM = (  # (row bytes, pairs, repeats, learning rate): the same bytes per
 )
 
 
+def stage_rows(text, stage: tuple, batch: int, seed: int, recall_fraction: float = 0.75) -> recall.RecallMix:
+    """The mix of one `CURRICULUM` stage: its rows, as many per step as `batch` x 1,024 bytes hold."""
+    length, pairs, repeats, _ = stage
+    return recall.RecallMix(text, length, batch * T // length, seed=seed, pairs=pairs, repeats=repeats,
+                            recall_fraction=recall_fraction)
+
+
 def pretrained(text, steps: int, batch: int, workdir: pathlib.Path):
     """The model pretrained from scratch on the text/recall mix (resumed or read back from `workdir`), and its log.
 
@@ -85,10 +93,10 @@ def pretrained(text, steps: int, batch: int, workdir: pathlib.Path):
     learned only the set of values after 900 steps, and 1,024-byte rows alone nothing in 200-400."""
     model = Llama(CONFIG, rngs=nnx.Rngs(0))
     log = []
-    for length, pairs, repeats, lr in CURRICULUM:
-        rows = recall.RecallMix(text, length, batch * T // length, seed=0, pairs=pairs, repeats=repeats)
-        log += run_stage(model, retrofit.language_model_loss(), rows, steps, lr, workdir / f"rows-{length}",
-                         f"pretrain, {length}-byte rows", warmup=min(100, steps // 10))
+    for stage in CURRICULUM:
+        length, lr = stage[0], stage[-1]
+        log += run_stage(model, retrofit.language_model_loss(), stage_rows(text, stage, batch, seed=0), steps, lr,
+                         workdir / f"rows-{length}", f"pretrain, {length}-byte rows", warmup=min(100, steps // 10))
     return model, log
 
 
@@ -106,7 +114,7 @@ def lookup_accuracy(model, rows) -> float:
     as `recall.RecallMix` makes them): how much of the look-up pretraining taught. A pair's first sight in a
     row cannot be predicted, so the most a row allows is the share of keys that are repeats."""
     rows = np.asarray(rows)
-    logits, _ = model.full_sequence(jax.numpy.asarray(rows[:, :-1]), retrofit.vanilla_attention, jax.random.key(0))
+    logits, _ = model.full_sequence(jnp.asarray(rows[:, :-1]), retrofit.vanilla_attention, jax.random.key(0))
     at_key = np.isin(rows[:, :-1], recall.KEYS)
     return float((np.asarray(logits).argmax(-1) == rows[:, 1:])[at_key].mean())
 
@@ -273,9 +281,8 @@ def main(argv=None):
 
     train_text, held = corpus()
     model, pre_log = pretrained(train_text, args.pretrain_steps, args.batch, workdir / f"pretrain-{args.pretrain_steps}")
-    lookup = {length: lookup_accuracy(model, recall.RecallMix(train_text, length, 4 * T // length, seed=2, pairs=pairs,
-                                                              repeats=repeats, recall_fraction=1.0)(0))
-              for length, pairs, repeats, _ in CURRICULUM}  # fresh rows of each stage, every one with pairs
+    lookup = {stage[0]: lookup_accuracy(model, stage_rows(train_text, stage, 4, seed=2, recall_fraction=1.0)(0))
+              for stage in CURRICULUM}  # fresh rows of each stage, every one with pairs
     print("pretrained look-up accuracy on the byte after a key, by row bytes:", lookup)
     tag = f"{args.pretrain_steps}-{args.steps}"
     batches = recall.RecallMix(train_text, T, args.batch, seed=1)  # later stages go on with new batches of the same mix

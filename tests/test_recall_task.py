@@ -80,12 +80,13 @@ def test_rows_the_pairs_or_the_text_cannot_fill_are_refused():
 def test_every_curriculum_stage_makes_rows_of_equal_bytes_per_step():
     """The testbed's pretraining stages are feasible rows (pairs and repeats fit) and each step trains on
     batch x 1,024 bytes, so stages compare step for step."""
-    from experiments.recall_testbed import CURRICULUM, T
+    from experiments.recall_testbed import CURRICULUM, T, stage_rows
 
     batch = 2
     lengths = []
-    for length, pairs, repeats, _ in CURRICULUM:
-        rows = recall.RecallMix(TEXT, length, batch * T // length, seed=0, pairs=pairs, repeats=repeats, recall_fraction=1.0)(0)
+    for stage in CURRICULUM:
+        length, pairs, repeats, _ = stage
+        rows = stage_rows(TEXT, stage, batch, seed=0, recall_fraction=1.0)(0)
         assert rows.shape == (batch * T // length, length + 1)  # inputs of `length` bytes and one target byte more
         assert (rows.shape[1] - 1) * rows.shape[0] == batch * T
         assert all(len(pairs_in(row)) == pairs + repeats for row in rows)
