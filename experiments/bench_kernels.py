@@ -2,12 +2,12 @@
 
 For decode (one query token per sequence, split over the capacity) and a
 prefill chunk, time `pallas_kernels.cache_attention` (GPU/TPU only; interpret
-mode is excluded) and the XLA reference on the same inputs, and report the
+mode is excluded) and kvjax's XLA path (`cache_attention_xla`) on the same inputs, and report the
 bytes each must read (K, V, masks, queries) per second next to the device's
 copy bandwidth measured in the same run (read + write of a 256 MiB buffer),
 and the achieved FLOP/s (prefill chunks are compute-bound).
 Half of the slots are valid, spread over the whole capacity (holes after
-eviction), so the kernels cannot skip blocks.
+eviction), so neither the kernels nor the XLA path can skip slots.
 
     python -m experiments.bench_kernels [--capacities 1024 4096 16384] [--out results/bench_kernels.json]
 """
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from experiments.results import write_json
 
-from pallas_kernels import cache_attention, cache_attention_reference
+from pallas_kernels import cache_attention, cache_attention_xla
 
 
 def timer(fn, *args, repeats: int) -> float:
@@ -88,7 +88,7 @@ def main(argv=None):
 
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
     dtype = jnp.bfloat16 if on_accelerator else jnp.float32
-    impls = {"xla": cache_attention_reference}
+    impls = {"xla": cache_attention_xla}
     if on_accelerator:
         impls["pallas"] = functools.partial(cache_attention, interpret=False)
     bandwidth = copy_bandwidth(args.repeats)

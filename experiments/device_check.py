@@ -37,7 +37,7 @@ from tqdm import tqdm
 import kvjax
 from experiments.bench_kernels import make_inputs, timer
 from experiments.results import write_json
-from pallas_kernels import cache_attention, cache_attention_reference
+from pallas_kernels import cache_attention, cache_attention_xla
 
 # Peak HBM bandwidth in bytes/s by a substring of `device_kind` (vendors' data sheets).
 PEAK_HBM = {
@@ -83,7 +83,7 @@ def decode_bandwidth(sizes: dict, peak: float | None) -> list[dict]:
     """Decode attention (one query token) time per (capacity, batch, impl); bytes read per second."""
     accelerator = jax.default_backend() != "cpu"
     dtype = jnp.bfloat16
-    impls = {"xla": cache_attention_reference, "pallas": functools.partial(cache_attention, interpret=not accelerator)}
+    impls = {"xla": cache_attention_xla, "pallas": functools.partial(cache_attention, interpret=not accelerator)}
     rows = []
     jobs = [(c, b, impl) for c in sizes["capacities"] for b in sizes["batches"] for impl in impls]
     for capacity, batch, impl in tqdm(jobs, desc="decode attention", unit="config"):

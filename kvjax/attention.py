@@ -2,8 +2,8 @@
 
 The single attention entry point for decode (chunk of one) and chunked
 prefill. It checks shapes, lays queries out as rows (token, head-in-group) per
-KV head, and dispatches: `impl="xla"` runs `pallas_kernels.cache_attention_reference`
-(the reference and the CPU path), `impl="pallas"` the Pallas kernels
+KV head, and dispatches: `impl="xla"` runs `pallas_kernels.cache_attention_xla`
+(the reference in row blocks; the CPU path), `impl="pallas"` the Pallas kernels
 (interpreted on CPU), `impl="auto"` the kernels on GPU/TPU and XLA on CPU. When
 a policy needs per-slot statistics, the probability mass each key receives
 (summed over the query heads of its KV group, weighted per query) comes out of
@@ -23,7 +23,7 @@ from jaxtyping import Array, Bool, Float, Int, Shaped, jaxtyped
 
 from kvjax.rope import Rope
 from kvjax.sharding import per_shard
-from pallas_kernels import cache_attention, cache_attention_reference
+from pallas_kernels import cache_attention, cache_attention_xla
 from pallas_kernels.tuning import target_platform
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def attention(
     if impl == "pallas":  # XLA partitions the reference itself; a Pallas call runs per shard
         out, _, mass = per_shard(lambda **a: cache_attention(**a, **settings), arrays, batch=b, heads=h)
     else:
-        out, _, mass = cache_attention_reference(**arrays, **settings)
+        out, _, mass = cache_attention_xla(**arrays, **settings)
     return rearrange(out, "b h (s g) d -> b s (h g) d", g=g), mass
 
 

@@ -20,7 +20,7 @@ import kvjax
 from kvjax.attention import attention, resolve_impl
 from kvjax.quant import FORMATS
 from models import Llama, LlamaConfig
-from pallas_kernels import cache_attention, cache_attention_reference
+from pallas_kernels import cache_attention, cache_attention_reference, cache_attention_xla, reference
 
 BACKENDS = ["gpu", "tpu"]
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -266,6 +266,61 @@ def test_the_mass_is_never_written_per_row():
         assert len(shapes) == 2 * 3 + 2 and len(masses) == 2, shapes
         assert all(s[:3] == (2, 2, 1) for s in masses), shapes
 
+
+
+@pytest.mark.parametrize(("fill", "option"), [(0, "plain"), (5, "window"), (23, "softcap"), (37, "scales"), (23, "bfloat16")])
+def test_xla_path_equals_the_reference(fill, option):
+    """kvjax's XLA path reads less than the reference (row blocks that stop at their last chunk token,
+    a cache read up to its last valid slot) and must give its out, lse and mass: every block size,
+    prefix branches (slots valid up to `fill` only, with holes: none, a prefix's worth, all)."""
+    dtype = jnp.bfloat16 if option == "bfloat16" else jnp.float32
+    args, extras = inputs(80 + fill, chunk=11, capacity=37, dtype=dtype)
+    args = args[:3] + (args[3] & (jnp.arange(37) < fill),) + args[4:]
+    extras = dict(extras, softcap=3.0 if option == "softcap" else None, max_distance=20 if option == "window" else None)
+    if option == "scales":
+        extras.update(k_scale=jnp.abs(args[1][..., 0]), v_scale=jnp.abs(args[2][..., 1]))
+    want = cache_attention_reference(*args, **extras)
+    for tokens, prefixes in [(11, (0, 10, 20, 30, 37)), (4, (37,)), (1, (0, 10, 20, 30, 37))]:
+        got = jax.jit(lambda *a, t=tokens, p=prefixes: cache_attention_xla(*a, **extras, tokens=t, prefixes=p))(*args)
+        seen = np.isfinite(want[1])
+        assert (np.isfinite(got[1]) == seen).all(), (tokens, prefixes)
+        for name, g, w in zip(("out", "lse", "mass"), (got[0], jnp.where(seen, got[1], 0), got[2]),
+                              (want[0], jnp.where(seen, want[1], 0), want[2])):
+            assert relative_error(g, w) <= TOL[dtype], (name, tokens, prefixes)
+
+
+def test_xla_path_block_sizes():
+    """Row blocks keep their logits within the budget (one token at least) unless that takes more than
+    the most blocks; prefill chunks over large caches branch on none, half or all of the slots; decode
+    steps and small caches do not."""
+    for b, h, g, c, s in [(1, 3, 3, 1040, 256), (8, 8, 4, 16384, 64), (1, 1, 1, 8, 4096), (64, 8, 8, 65536, 32)]:
+        t = reference.block_tokens(b, h, g, c, s)
+        blocks = -(-s // t)
+        assert 1 <= t <= s and blocks <= reference.MAX_ROW_BLOCKS
+        assert blocks == reference.MAX_ROW_BLOCKS or t == 1 or b * h * t * g * (c + s) * 4 <= reference.LOGITS_BLOCK_BYTES
+        assert t == s or b * h * (t + 1) * g * (c + s) * 4 > reference.LOGITS_BLOCK_BYTES
+    assert reference.cache_prefixes(1040, 256) == (0, 520, 1040)
+    assert reference.cache_prefixes(1041, 256) == (0, 521, 1041)
+    assert reference.cache_prefixes(1040, 1) == (1040,)
+    assert reference.cache_prefixes(reference.PREFIX_MIN_SLOTS - 1, 64) == (reference.PREFIX_MIN_SLOTS - 1,)
+
+
+def test_generate_reads_less_and_decodes_the_same(tiny, monkeypatch):
+    """End to end under jit: with row blocks of a few tokens and prefix branches on the tiny model's
+    small caches, generate gives the tokens and scores of the one-block, whole-cache path."""
+    tokens = jax.random.randint(jax.random.key(2), (2, 40), 1, 256)
+    policy = kvjax.policies.make("h2o", capacity=32)
+    run = lambda: kvjax.generate(tiny, tokens, policy=policy, max_new_tokens=8, chunk_size=16, impl="xla")  # noqa: E731
+    monkeypatch.setattr(reference, "PREFIX_MIN_SLOTS", 1 << 30)
+    whole = run()
+    monkeypatch.setattr(reference, "PREFIX_MIN_SLOTS", 8)
+    monkeypatch.setattr(reference, "LOGITS_BLOCK_BYTES", 4096)
+    jax.clear_caches()  # the settings are read when tracing
+    blocked = run()
+    np.testing.assert_array_equal(blocked.tokens, whole.tokens)
+    for a, b in zip(blocked.cache.layers, whole.cache.layers):
+        np.testing.assert_array_equal(a.valid, b.valid)
+        np.testing.assert_allclose(a.score, b.score, rtol=1e-4, atol=1e-5)
 
 def unit_scales(args) -> dict:
     return dict(k_scale=jnp.ones(args[3].shape, jnp.float32), v_scale=jnp.ones(args[3].shape, jnp.float32))
