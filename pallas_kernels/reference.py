@@ -135,10 +135,10 @@ def cache_attention_xla(q, k_cache, v_cache, cache_valid, k_new, v_new, new_vali
                 mass = part if mass is None else mass + part
         return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2), mass
 
+    if list(prefixes) != sorted(set(prefixes)) or prefixes[0] < 0 or prefixes[-1] != c:
+        raise ValueError(f"prefixes must be increasing slot counts ending at the capacity ({c}), got {prefixes}")
     if len(prefixes) == 1:
-        return read(prefixes[-1])
-    if prefixes[-1] != c:
-        raise ValueError(f"prefixes must end at the capacity ({c}), got {prefixes}")
+        return read(c)
     branch = jnp.searchsorted(jnp.asarray(prefixes), jnp.max(extent(cache_valid)))
     return jax.lax.switch(branch, [lambda p=p: read(p) for p in prefixes])
 

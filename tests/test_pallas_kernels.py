@@ -303,6 +303,10 @@ def test_xla_path_block_sizes():
     assert reference.cache_prefixes(1041, 256) == (0, 521, 1041)
     assert reference.cache_prefixes(1040, 1) == (1040,)
     assert reference.cache_prefixes(reference.PREFIX_MIN_SLOTS - 1, 64) == (reference.PREFIX_MIN_SLOTS - 1,)
+    args, extras = inputs(90, chunk=4)
+    for bad in [(20,), (20, 10, 37), (0, 20, 36)]:  # a slot never read, not increasing, not the capacity
+        with pytest.raises(ValueError, match="increasing slot counts ending at the capacity"):
+            cache_attention_xla(*args, **extras, prefixes=bad)
 
 
 def test_generate_reads_less_and_decodes_the_same(tiny, monkeypatch):
