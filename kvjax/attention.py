@@ -3,7 +3,7 @@
 The single attention entry point for decode (chunk of one) and chunked
 prefill. It checks shapes, lays queries out as rows (token, head-in-group) per
 KV head, and dispatches: `impl="xla"` runs `pallas_kernels.cache_attention_xla`
-(the reference in row blocks; the CPU path), `impl="pallas"` the Pallas kernels
+(the reference's softmax, reading less; the CPU path), `impl="pallas"` the Pallas kernels
 (interpreted on CPU), `impl="auto"` the kernels on GPU/TPU and XLA on CPU. When
 a policy needs per-slot statistics, the probability mass each key receives
 (summed over the query heads of its KV group, weighted per query) comes out of
@@ -87,7 +87,7 @@ def attention(
                   v_new=v_new.transpose(0, 2, 1, 3), new_valid=new_valid, cache_pos=cache_pos, q_pos=q_pos, stat_weights=stat_weights,
                   k_scale=k_scale, v_scale=v_scale)
     settings = dict(group=g, scale=scale, softcap=softcap, max_distance=max_distance)
-    if impl == "pallas":  # XLA partitions the reference itself; a Pallas call runs per shard
+    if impl == "pallas":  # XLA partitions the XLA path itself; a Pallas call runs per shard
         out, _, mass = per_shard(lambda **a: cache_attention(**a, **settings), arrays, batch=b, heads=h)
     else:
         out, _, mass = cache_attention_xla(**arrays, **settings)

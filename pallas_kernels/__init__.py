@@ -1,7 +1,7 @@
 """Pallas attention over a fixed-capacity KV cache (GPU and TPU), beside its pure-jnp reference.
 
 `cache_attention` (kernels), `cache_attention_reference` (jnp) and
-`cache_attention_xla` (the reference in row blocks, kvjax's XLA path) take the
+`cache_attention_xla` (the reference reading less, kvjax's XLA path) take the
 same arguments and agree to float tolerance. Depends on JAX only.
 """
 

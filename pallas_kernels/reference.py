@@ -112,8 +112,9 @@ def cache_attention_xla(q, k_cache, v_cache, cache_valid, k_new, v_new, new_vali
       A `full` cache fills its slots in order, so its prefill reads what it holds, not its capacity.
     Same arguments and results as the reference (masked keys add exact zeros; the sums' order
     differs, so results agree to float rounding)."""
-    b, h, rows, _ = q.shape
+    b, h = q.shape[:2]
     c, s = k_cache.shape[2], k_new.shape[2]
+    k_cache, v_cache = widened(k_cache, q), widened(v_cache, q)  # once, not per row block
     tokens = tokens or block_tokens(b, h, group, c, s)
     prefixes = prefixes or cache_prefixes(c, s)
     lead = ((0, 0), (0, 0))  # no padding on the batch and head axes
