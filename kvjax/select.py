@@ -36,8 +36,36 @@ def rank(
 
 
 def position_order(pos: Int[Array, "B H N"], valid: Bool[Array, "B H N"]) -> Int[Array, "B H N"]:
-    """Indices that sort candidates by position, empty ones last."""
-    return jnp.argsort(jnp.where(valid, pos, INT_MAX), axis=-1)
+    """Indices that sort candidates by position, empty ones last (in index order), as a stable argsort.
+
+    While every position is below INT_MAX // N - 1, (position, index) packs into one int32 whose
+    plain sort gives the order: XLA CPU sorts one int32 array about 5x faster than it argsorts
+    (a key with an index; [3, 1025]: 84 against 422 us, JAX 0.10.2). Later positions take the argsort.
+    """
+    n = pos.shape[-1]
+    limit = INT_MAX // n - 1  # limit * n + (n - 1) fits in an int32
+    packed = lambda: lax.sort(jnp.where(valid, pos, limit) * n + jnp.arange(n, dtype=jnp.int32), dimension=-1) % n  # noqa: E731
+    argsort = lambda: jnp.argsort(jnp.where(valid, pos, INT_MAX), axis=-1).astype(jnp.int32)  # noqa: E731
+    return lax.cond(jnp.all(jnp.where(valid, pos, 0) < limit), packed, argsort)
+
+
+def inverse(order: Int[Array, "B H N"]) -> Int[Array, "B H N"]:
+    """The inverse permutation: where each index stands in `order` (a scatter, not a second sort)."""
+    b, h, n = order.shape
+    return jnp.zeros_like(order).at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], order].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=order.dtype), order.shape), unique_indices=True)
+
+
+def kth_largest_threshold(x: Float[Array, "*B N"], k: int) -> Float[Array, "*B 1"]:
+    """The k-th largest value along the last axis (k >= 1), as `lax.top_k(x, k)[0][..., -1:]`.
+
+    Sorted as int32 bit patterns that order like the floats (sign-flipped for negatives, -0.0 taken
+    as 0.0, NaN not allowed): XLA CPU sorts int32 several times faster than f32 or than top_k
+    ([3, 1025], k=128: about 90 against 300-380 us, JAX 0.10.2)."""
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32) + 0.0, jnp.int32)
+    ordered = jnp.where(bits < 0, bits ^ INT_MAX, bits)
+    kth = lax.sort(ordered, dimension=-1)[..., x.shape[-1] - k :][..., :1]
+    return lax.bitcast_convert_type(jnp.where(kth < 0, kth ^ INT_MAX, kth), jnp.float32)
 
 
 def select_chunk(fields: dict[str, Array], rank_: Float[Array, "B H N"], slots: int) -> dict[str, Array]:
@@ -83,7 +111,7 @@ def keep_best(lc: LayerCache, cand, score: Float[Array, "B H N"], rank_: Float[A
     c = lc.slots
     if cand.k_new.shape[2] == 1:
         drop = evict_index(rank_, cand.pos)
-        target = after(jnp.where((drop < c) & step.new_valid, drop, c), cand.attended, c)  # c = out of range: no write
+        target = after(jnp.where((drop < c) & step.new_valid, drop, c), cand.written_after, c)  # c = out of range: no write
         stored = {name: write_slot(getattr(lc, name), target, new[:, :, 0]) for name, new in cand.new_as_stored().items()}
         return lc.replace(
             **stored,
@@ -106,14 +134,18 @@ def evict_index(rank_: Float[Array, "B H N"], pos: Int[Array, "B H N"]) -> Int[A
     return jnp.argmin(jnp.where(lowest, pos, INT_MAX), axis=-1)
 
 
-def write_slot(x: Array, target: Int[Array, "B H"], value: Array) -> Array:
-    """x[b, h, target[b, h]] = value[b, h]; an out-of-range target writes nothing."""
-    b, h = target.shape
-    return x.at[jnp.arange(b)[:, None], jnp.arange(h)[None, :], target].set(value, mode="drop")
+def write_slot(x: Array, target: Int[Array, "B H *K"], value: Array) -> Array:
+    """x[b, h, target[b, h]] = value[b, h]; an out-of-range target writes nothing. With several
+    targets per (b, h) (distinct, [B, H, K]) all are written by one scatter, whose operands are then
+    every value read from `x`, so XLA can still write in place."""
+    b, h, *k = target.shape
+    ones = (1,) * len(k)
+    return x.at[jnp.arange(b).reshape(b, 1, *ones), jnp.arange(h).reshape(1, h, *ones), target].set(value, mode="drop")
 
 
-def after(index: Int[Array, "*I"], out: Array, limit: int) -> Int[Array, "*I"]:
-    """Slot indices `index` (each <= `limit`), unchanged, but computed from the attention output `out`.
+def after(index: Int[Array, "*I"], out, limit: int) -> Int[Array, "*I"]:
+    """Slot indices `index` (each <= `limit`), unchanged, but computed from the attention output `out`
+    (an array or a pytree of them: then from every one).
 
     A donated slot buffer is written in place only if XLA can order the write
     after every read of the buffer. Attention reads the slots before `out`
@@ -125,5 +157,6 @@ def after(index: Int[Array, "*I"], out: Array, limit: int) -> Int[Array, "*I"]:
     `min(index, max(limit, u))` equals `index` for any u, and XLA cannot fold
     it away, so the dependency costs one reduction over `out`.
     """
-    u = lax.shift_right_logical(lax.bitcast_convert_type(out.astype(jnp.float32).sum(), jnp.int32), 1)  # >= 0
+    total = sum(x.astype(jnp.float32).sum() for x in jax.tree.leaves(out))
+    u = lax.shift_right_logical(lax.bitcast_convert_type(total, jnp.int32), 1)  # >= 0
     return jnp.minimum(index, jnp.maximum(limit, u))

@@ -72,3 +72,24 @@ def test_streaming_llm_keeps_the_sink_and_the_newest(chunk):
     lc = cache.layers[0]
     for h in range(lc.pos.shape[1]):
         assert sorted(np.asarray(lc.pos[0, h])[np.asarray(lc.valid[0, h])].tolist()) == [0, 7, 8, 9, 10, 11]
+
+
+@pytest.mark.parametrize("scale", [1, 2**25])  # 2**25: past the packed sort's limit, the argsort branch
+def test_position_order_is_a_stable_argsort(scale):
+    """Packed (position, index) sort or argsort: numpy's stable argsort with empty candidates last,
+    and `inverse` undoes it."""
+    rng = np.random.default_rng(scale)
+    pos = np.stack([rng.permutation(50) * scale for _ in range(6)]).reshape(2, 3, 50)
+    valid = rng.random(pos.shape) < 0.7
+    got = np.asarray(select.position_order(jnp.asarray(pos, jnp.int32), jnp.asarray(valid)))
+    np.testing.assert_array_equal(got, np.argsort(np.where(valid, pos, 2**31 - 1), -1, kind="stable"))
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(select.inverse(jnp.asarray(got))), got, -1),
+                                  np.broadcast_to(np.arange(50), got.shape))
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_kth_largest_threshold_is_top_k(k):
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(3, 40)).astype(np.float32)
+    x[0, :5], x[1, :3], x[1, 3], x[2, :20] = -np.inf, 0.0, -0.0, 1.5  # infinities, signed zeros, ties
+    np.testing.assert_array_equal(select.kth_largest_threshold(jnp.asarray(x), k), np.sort(x, -1)[:, 40 - k :][:, :1])

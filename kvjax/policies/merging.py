@@ -19,10 +19,14 @@ from kvjax.policies.scorer import Candidates, ScorerPolicy
 
 
 def cosine(a: Float[Array, "*B D"], b: Float[Array, "*B D"]) -> Float[Array, "*B"]:
-    """Cosine similarity in f32 (0 for a zero vector)."""
+    """Cosine similarity in f32 (0 for a zero vector).
+
+    The sums over D are products with a vector of ones: XLA CPU runs a multiply-and-reduce over a
+    short last axis several times slower ([3, 1024, 64]: about 850 against 70 us, JAX 0.10.2)."""
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    norm = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
-    return jnp.where(norm > 0, (a * b).sum(-1) / jnp.where(norm > 0, norm, 1.0), 0.0)
+    ones = jnp.ones(a.shape[-1], jnp.float32)
+    norm = jnp.sqrt((a * a) @ ones) * jnp.sqrt((b * b) @ ones)
+    return jnp.where(norm > 0, ((a * b) @ ones) / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
