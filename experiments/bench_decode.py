@@ -56,7 +56,7 @@ class RingWrite(ScorerPolicy):
     name = "ring_write"
 
     def keep(self, lc, cand, score, rank, step):
-        target = select.after(jnp.broadcast_to((step.seen % lc.slots)[:, None], lc.valid.shape[:2]), cand.attended, lc.slots)
+        target = select.after(jnp.broadcast_to((step.seen % lc.slots)[:, None], lc.valid.shape[:2]), cand.written_after, lc.slots)
         stored = {name: select.write_slot(getattr(lc, name), target, new[:, :, 0]) for name, new in cand.new_as_stored().items()}
         return lc.replace(**stored, pos=select.write_slot(lc.pos, target, cand.pos[..., lc.slots]),
                           valid=select.write_slot(lc.valid, target, cand.valid[..., lc.slots]))

@@ -14,6 +14,7 @@ from flax import nnx
 
 import kvjax
 from kvjax.generate import _generate
+from kvjax.policies.pod import DistantCache
 from kvjax.run import forward_chunk, scan_chunks
 from models import Llama, LlamaConfig
 from tests.helpers import decision_dimension_zeroed, prefill_memory
@@ -128,28 +129,28 @@ def test_cache_buffers_are_donated(model):
     assert all(x.is_deleted() for x in jax.tree.leaves(cache))
 
 
-# BCT and KVMerger's merging layers rebuild the layer from all candidates (a merge may move every
-# slot), and POD attends over its slots and its ring concatenated: those copy the slots by design.
-IN_PLACE = ["full", "window", "streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "dmc"]
+IN_PLACE = ["full", "window", "streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm", "kvmerger", "bct", "pod", "dmc"]
+DEQUANTIZED = ("kvmerger", "bct", "pod", "dmc")  # under int8 slots they compute on a dequantized view
 
 
-@pytest.mark.parametrize(("name", "kv_dtype"), [(n, None) for n in IN_PLACE] + [(n, "int8") for n in IN_PLACE if n != "dmc"])
+@pytest.mark.parametrize(("name", "kv_dtype"), [(n, None) for n in IN_PLACE] + [(n, "int8") for n in IN_PLACE if n not in DEQUANTIZED])
 def test_compiled_decode_step_writes_the_cache_in_place(model, name, kv_dtype):
-    """With the cache donated, the compiled decode step copies no K/V buffer (an HLO `copy` of the
-    [1, kv_heads, 96, head_dim] shape would be one) and its outputs alias at least every K and V
-    buffer: a step writes its slot where the cache lives, whatever decides the slot. So do int8
-    slots under the scorer tier (`Quantized` keeps them as stored; DMC runs on a dequantized view)."""
-    policy = make_policy(name, 96)
+    """With the cache donated, the compiled decode step copies no K/V buffer (an HLO `copy` of a
+    slot or ring buffer's shape, [1, kv_heads, slots, head_dim], would be one) and its outputs alias
+    at least every K and V buffer: a step writes its slot where the cache lives, whatever decides
+    the slot. So do int8 slots under the scorer tier (`Quantized` keeps them as stored)."""
+    policy = make_policy(name, 96, layers=model.cfg.num_layers)  # POD: layer 1 reads layer 0's distant keys
     cache = model.cache_spec().init(kvjax.policies.Quantized(policy, kv_dtype) if kv_dtype else policy, 1)
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda st, c, t: forward_chunk(nnx.merge(graphdef, st), t, t > 0, c, jax.random.key(0), prefill=False),
                    donate_argnums=1)
     compiled = step.lower(state, cache, jnp.ones((1, 1), jnp.int32)).compile()
-    kv_shape = "[" + ",".join(map(str, cache.layers[0].k.shape)) + "]"
-    copies = [line for line in compiled.as_text().splitlines() if " copy(" in line and kv_shape in line.split(" copy(")[0]]
+    rings = [st for st in cache.state if isinstance(st, DistantCache)]
+    buffers = [x for part in (*cache.layers, *rings) for x in (part.k, part.v) if x.size]  # a non-owner's ring has no keys
+    shapes = {"[" + ",".join(map(str, x.shape)) + "]" for x in buffers}
+    copies = [line for line in compiled.as_text().splitlines() if " copy(" in line and any(s in line.split(" copy(")[0] for s in shapes)]
     assert not copies, copies[:2]
-    kv_bytes = sum(lc.k.nbytes + lc.v.nbytes for lc in cache.layers)
-    assert compiled.memory_analysis().alias_size_in_bytes >= kv_bytes
+    assert compiled.memory_analysis().alias_size_in_bytes >= sum(x.nbytes for x in buffers)
 
 
 @pytest.mark.parametrize("name", ["h2o", "kvmerger", "pod", "dmc"])

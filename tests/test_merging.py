@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax import select
+from kvjax.cache import LayerCache
 from kvjax.policies.base import Step
 from kvjax.policies.kvmerger import _merge_runs
+from kvjax.policies.scorer import Candidates
 
 
 def fields(seed, n, d=6, *, similar_runs=()):
@@ -112,6 +115,66 @@ def test_identical_keys_merge_to_themselves():
     np.testing.assert_allclose(out["k"][0], key, rtol=1e-6)
     np.testing.assert_allclose(out["v"][0], np.asarray(g["v"]).mean(0), rtol=1e-5)
     assert np.asarray(out["valid"]).sum() == 1
+
+
+def decode_candidates(seed, capacity, filled, d=8, batch=3, heads=2):
+    """A layer holding `filled` of `capacity` slots per (row, head) at shuffled slots, with runs of similar
+    keys, and one new token per row (row 2's is padding)."""
+    rng = np.random.default_rng(seed)
+    seen = 3 * capacity
+    pos = np.full((batch, heads, capacity), -1)
+    k = np.zeros((batch, heads, capacity, d))
+    for b in range(batch):
+        for h in range(heads):
+            keep = np.sort(rng.choice(seen - 1, filled, replace=False)) if filled < seen else np.arange(seen)
+            keys = rng.normal(size=(filled, d))
+            for start in rng.choice(filled - 3, 3, replace=False):
+                keys[start : start + 3] = keys[start] + 0.05 * rng.normal(size=(3, d))
+            slot = rng.permutation(capacity)[:filled]
+            pos[b, h, slot], k[b, h, slot] = keep, keys
+    valid = pos >= 0
+    lc = LayerCache(k=jnp.asarray(k, jnp.float32), v=jnp.asarray(rng.normal(size=k.shape) * valid[..., None], jnp.float32),
+                    pos=jnp.asarray(pos, jnp.int32), valid=jnp.asarray(valid), score=jnp.asarray(rng.random(pos.shape) * valid, jnp.float32))
+    step = Step(seen=jnp.full((batch,), seen - 1), positions=jnp.full((batch, 1), seen - 1, jnp.int32),
+                new_valid=jnp.asarray([[True]] * (batch - 1) + [[False]]), key=jax.random.key(seed), prefill=False)
+    new = lambda: jnp.asarray(rng.normal(size=(batch, 1, heads, d)), jnp.float32)  # noqa: E731
+    mass = jnp.asarray(rng.random((batch, heads, capacity + 1)), jnp.float32)
+    return lc, Candidates.of(lc, new(), new(), step, mass, group=2, written_after=jnp.zeros((batch, 1, 2 * heads, d))), step
+
+
+def by_position(lc):
+    """Per (row, head): position -> (k, v, score) of each valid slot."""
+    lc = jax.tree.map(np.asarray, lc)
+    return [[{int(lc.pos[b, h, s]): (lc.k[b, h, s], lc.v[b, h, s], lc.score[b, h, s]) for s in np.flatnonzero(lc.valid[b, h])}
+             for h in range(lc.pos.shape[1])] for b in range(lc.pos.shape[0])]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(("filled", "options"), [
+    (24, dict(protect=3)), (24, dict(protect=2, sinks=2, window=3, sigma=0.7)), (17, dict(protect=3)),
+    (24, dict(protect=22, window=1)),  # two unprotected candidates: rarely neighbours, so one is evicted
+])
+def test_kvmerger_decode_step_keeps_the_sets_of_the_rebuild(seed, filled, options):
+    """A decode step joins at most one pair and writes it in place (`_join_one`): the kept slots, their
+    keys, values and scores equal those of the full rebuild (`merge`), which the float64 tests check."""
+    capacity = 24
+    policy = kvjax.policies.make("kvmerger", capacity=capacity, exclude_layers=(), **options)
+    lc, cand, step = decode_candidates(seed, capacity, filled)
+    score = policy.score(cand, step, 0)
+    fast = jax.jit(lambda lc, cand, score: policy.keep(lc, cand, score, None, step))(lc, cand, score)
+    rebuilt = select.as_layer(policy.merge(cand.fields(score), cand, step, capacity))
+    assert np.array_equal(np.asarray(fast.valid).sum(-1), np.asarray(rebuilt.valid).sum(-1))
+    joined = 0
+    for row_fast, row_rebuilt, row_before in zip(by_position(fast), by_position(rebuilt), by_position(lc)):
+        for got, want, before in zip(row_fast, row_rebuilt, row_before):
+            assert got.keys() == want.keys()
+            joined += sum(not np.array_equal(got[p][0], before[p][0]) for p in got if p in before)
+            for p in want:
+                for x, y in zip(got[p], want[p]):
+                    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    # rows 0 and 1 (2 heads each) bring a token: with a free slot nothing joins; with few unprotected
+    # tokens at least one (row, head) has no eligible pair and evicts instead; otherwise all four join
+    assert joined == (0 if filled < capacity else 4) if options["protect"] < 22 else joined < 4
 
 
 def test_kvmerger_excluded_layers_evict_instead():

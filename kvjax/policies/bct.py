@@ -11,9 +11,8 @@ a merge is the count-weighted mean of keys and of values, so a slot holds the
 mean of its members; its position becomes the newest member's. Keys are merged
 after RoPE (at their original positions), an approximation. Tokens of a chunk
 are inserted one at a time (`lax.scan`), so prefill and decode follow the same rule.
-Cost: a decode step builds the layer anew from the slots and the token (the
-merging tier's candidates), a copy of the layer's K/V that eviction policies,
-writing one slot in place, do not pay.
+Cost: a token reads the keys once (its victim's similarity to every slot) and
+writes at most two slots (the token, the merged pair) with one in-place scatter.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.policies.merging import MergingPolicy, cosine
+from kvjax import select
 from kvjax.select import gather, write_slot
 
 
@@ -48,31 +48,48 @@ class BCT(MergingPolicy):
         return jnp.where(cand.is_new, 1.0, cand.score)  # a new token stands for itself
 
     def merge(self, fields, cand, step, slots):
-        c = slots
-        cache = {name: x[:, :, :c] for name, x in fields.items()}
-        chunk = {name: jnp.moveaxis(x[:, :, c:], 2, 0) for name, x in fields.items()}  # scan over the chunk
-        cache, _ = jax.lax.scan(self._insert, cache, chunk)
+        return self._insert_all({name: x[:, :, :slots] for name, x in fields.items()},
+                                {name: x[:, :, slots:] for name, x in fields.items()})
+
+    def keep(self, lc, cand, score, rank, step):
+        """As `merge`, from the layer's slots and the chunk as they are (no candidate arrays built)."""
+        c = lc.slots
+        cache = dict(k=lc.k, v=lc.v, pos=lc.pos, valid=lc.valid, score=score[..., :c])
+        chunk = dict(cand.new_as_stored(), pos=cand.pos[..., c:], valid=cand.valid[..., c:], score=score[..., c:])
+        return lc.replace(**self._insert_all(cache, chunk, cand.written_after))
+
+    def _insert_all(self, cache, chunk, written_after=None):
+        """Insert the chunk's tokens [B, H, S, ...] one at a time; a single token (decode) without a scan,
+        its writes ordered after `written_after` so that they land in place (`kvjax.select.after`)."""
+        if chunk["pos"].shape[2] == 1:
+            return self._insert(cache, {name: x[:, :, 0] for name, x in chunk.items()}, written_after)
+        cache, _ = jax.lax.scan(lambda cache, tok: (self._insert(cache, tok), None), cache,
+                                {name: jnp.moveaxis(x, 2, 0) for name, x in chunk.items()})
         return cache
 
-    def _insert(self, cache, tok):
+    def _insert(self, cache, tok, written_after=None):
         """Insert one token per (row, head): into a free slot, else merge as the module says."""
         c = cache["k"].shape[2]
-        cand = {n: jnp.concatenate([x, tok[n][:, :, None]], 2) for n, x in cache.items()}  # C slots + the token
-        pick = lambda x, i: gather(x, i[..., None])[:, :, 0]  # noqa: E731
-        old = cand["pos"] <= tok["pos"][..., None] - self.window  # outside the recent window
-        movable = cand["valid"] & (cand["pos"] >= self.sinks) & old
-        victim = jnp.argmax(jnp.where(movable, cand["pos"], -1), -1)  # the newest movable token
-        sim = cosine(pick(cand["k"], victim)[:, :, None], cand["k"])
+        pos = jnp.concatenate([cache["pos"], tok["pos"][..., None]], -1)  # the C slots, then the token
+        valid = jnp.concatenate([cache["valid"], tok["valid"][..., None]], -1)
+        movable = valid & (pos >= self.sinks) & (pos <= tok["pos"][..., None] - self.window)  # outside the recent window
+        pick = lambda name, i: jnp.where(select.trailing(i == c, tok[name]), tok[name],  # noqa: E731
+                                         gather(cache[name], jnp.minimum(i, c - 1)[..., None])[:, :, 0])
+        victim = jnp.argmax(jnp.where(movable, pos, -1), -1)  # the newest movable token
+        vk = pick("k", victim)[:, :, None]
+        sim = jnp.concatenate([cosine(vk, cache["k"]), cosine(vk, tok["k"][:, :, None])], -1)
         others = movable & (jnp.arange(c + 1) != victim[..., None])
         target = jnp.argmax(jnp.where(others, sim, -jnp.inf), -1)
-        n_t, n_v = pick(cand["score"], target), pick(cand["score"], victim)
+        n_t, n_v = pick("score", target), pick("score", victim)
         share = (n_t / (n_t + n_v))[..., None]
-        mean = lambda x: (share * pick(x, target) + (1 - share) * pick(x, victim)).astype(x.dtype)  # noqa: E731
-        merged = dict(k=mean(cand["k"]), v=mean(cand["v"]), pos=jnp.maximum(pick(cand["pos"], target), pick(cand["pos"], victim)),
+        mean = lambda name: (share * pick(name, target) + (1 - share) * pick(name, victim)).astype(cache[name].dtype)  # noqa: E731
+        merged = dict(k=mean("k"), v=mean("v"), pos=jnp.maximum(pick("pos", target), pick("pos", victim)),
                       valid=jnp.ones_like(victim, bool), score=n_t + n_v)
         free = ~cache["valid"]
         has_free = free.any(-1)
-        skip = jnp.full_like(victim, c)  # an out-of-range slot: no write
-        to_new = jnp.where(tok["valid"], jnp.where(has_free, jnp.argmax(free, -1), victim), skip)
-        to_merge = jnp.where(tok["valid"] & ~has_free, target, skip)
-        return {n: write_slot(write_slot(x, to_new, tok[n]), to_merge, merged[n]) for n, x in cache.items()}, None
+        to_new = jnp.where(tok["valid"], jnp.where(has_free, jnp.argmax(free, -1), victim), c)  # c: out of range, no write
+        to_merge = jnp.where(tok["valid"] & ~has_free, target, c)
+        targets = jnp.stack([to_new, to_merge], -1)
+        if written_after is not None:
+            targets = select.after(targets, written_after, c)
+        return {n: write_slot(x, targets, jnp.stack([tok[n], merged[n]], 2)) for n, x in cache.items()}

@@ -22,8 +22,12 @@ When protected tokens leave too few eligible pairs, the lowest-scoring sets are
 evicted. Excluded layers (default the first two and the last, as the paper's
 Sec. 4.1 setup) never merge: they evict by accumulated attention (H2O) at the
 same capacity. Negative layer indices count from the model's last layer.
-Cost: a merging layer rebuilds its slots from all candidates at every step (a
-copy of the layer's K/V); excluded layers write one slot in place.
+Cost: a prefill chunk rebuilds the layer's slots from all candidates. A decode
+step (one token, so at most one join) finds the most similar eligible neighbour
+pair through one sort of the positions and one pass over the keys, and writes
+at most two slots in place (the merged pair, the token); which slot holds
+which set differs from the rebuild's layout, the kept sets do not. Excluded
+layers write one slot in place.
 """
 
 from __future__ import annotations
@@ -79,12 +83,66 @@ class KVMerger(MergingPolicy):
     def score(self, cand, step, layer):
         return cand.score + cand.mass  # accumulated attention, as H2O
 
+    def protected_sets(self, pos, valid, score, step):
+        """Candidates that stay singletons: sinks, the recent window, the `protect` highest scores."""
+        return self.protected(pos, valid, step) | _top(score, valid, self.protect)
+
+    def keep(self, lc, cand, score, rank, step):
+        if cand.k_new.shape[2] == 1:
+            return self._join_one(lc, cand, score, step)
+        return super().keep(lc, cand, score, rank, step)
+
     def merge(self, fields, cand, step, slots):
         f = select.gather(fields, select.position_order(fields["pos"], fields["valid"]))
-        protected = self.protected(f["pos"], f["valid"], step) | _top(f["score"], f["valid"], self.protect)
+        protected = self.protected_sets(f["pos"], f["valid"], f["score"], step)
         merged = jax.vmap(jax.vmap(lambda g: _merge_runs(g, slots, self.sigma)))(dict(f, protected=protected))
         rank = select.rank(merged["score"], merged["valid"], merged.pop("protected"))
         return select.select_chunk(merged, rank, slots)
+
+    def _join_one(self, lc, cand, score, step):
+        """`merge`'s rule for one new token, written in place. With C slots full and a valid token
+        there is one join: the most similar eligible neighbour pair (in position order) becomes one
+        slot, and the token takes the other's slot unless it is in the pair. Without an eligible
+        pair the lowest-ranked candidate is evicted, as `merge` does; with a free slot, nothing joins."""
+        c = lc.slots
+        valid, pos = cand.valid, cand.pos
+        protected = self.protected_sets(pos, valid, score, step)
+        new = {name: x[:, :, 0] for name, x in cand.new_as_stored().items()}
+        order = select.position_order(pos, valid)  # [B, H, C+1]
+        pick = lambda x, x_new, i: jnp.where(select.trailing(i == c, x_new), x_new, select.gather(x, jnp.minimum(i, c - 1)))  # noqa: E731
+        k_sorted = pick(lc.k, new["k"][:, :, None], order)
+        sim = cosine(k_sorted[:, :, :-1], k_sorted[:, :, 1:])
+        free = jnp.take_along_axis(valid & ~protected, order, -1)
+        eligible = free[..., :-1] & free[..., 1:]
+        first = jnp.argmax(jnp.where(eligible, sim, -jnp.inf), -1)[..., None]  # the most similar, the earliest among ties
+        join = (valid.sum(-1) > c) & eligible.any(-1)
+        pair = jnp.take_along_axis(order, jnp.concatenate([first, first + 1], -1), -1)  # [B, H, 2], by position
+        merged = _merge_pair({name: pick(getattr(lc, name), new[name][:, :, None], pair) for name in ("k", "v")},
+                             jnp.take_along_axis(score, pair, -1), self.sigma)
+        merged.update(pos=jnp.take_along_axis(pos, jnp.take_along_axis(pair, merged.pop("pivot")[..., None], -1), -1)[..., 0],
+                      valid=jnp.ones_like(join))
+        token = dict(new, pos=pos[..., c], valid=valid[..., c], score=score[..., c])
+        evict = select.evict_index(select.rank(score, valid, protected), pos)  # c: the token itself
+        to_new = jnp.where(token["valid"], jnp.where(join, pair.max(-1), evict), c)  # c: no write; pair.max() == c: it joined
+        to_merged = jnp.where(join, pair.min(-1), c)
+        target = select.after(jnp.stack([to_new, to_merged], -1), cand.written_after, c)
+        slots = dict({name: getattr(lc, name) for name in new}, pos=lc.pos, valid=lc.valid, score=score[..., :c])
+        return lc.replace(**{name: select.write_slot(x, target, jnp.stack([token[name], merged[name]], 2))
+                             for name, x in slots.items()})
+
+
+def _merge_pair(kv, score, sigma):
+    """Two neighbours [B, H, 2, ...] merged as `_merge_runs` merges a set of two: towards the pivot
+    (the higher score, the first on a tie), Gaussian weights of the key distance."""
+    k32 = kv["k"].astype(jnp.float32)
+    pivot = jnp.where(score[..., 0] >= score[..., 1], 0, 1)  # [B, H]
+    kp = jnp.take_along_axis(k32, pivot[..., None, None], -2)
+    d2 = ((k32 - kp) ** 2).sum(-1)  # [B, H, 2], the pivot's 0
+    sig = (jnp.sqrt(d2).sum(-1, keepdims=True) / 2.0 / math.sqrt(2.0)) if sigma == "mean" else jnp.full_like(d2, float(sigma))
+    g = jnp.where(d2 > 0, jnp.exp(-d2 / (2 * jnp.maximum(sig, 1e-30) ** 2)), 1.0)
+    w = (g / g.sum(-1, keepdims=True))[..., None]
+    mix = lambda x: (w[..., 0, :] * x[..., 0, :].astype(jnp.float32) + w[..., 1, :] * x[..., 1, :].astype(jnp.float32)).astype(x.dtype)  # noqa: E731
+    return dict(k=mix(kv["k"]), v=mix(kv["v"]), score=score[..., 0] + score[..., 1], pivot=pivot)
 
 
 def _top(score, valid, k: int):
@@ -92,8 +150,7 @@ def _top(score, valid, k: int):
     if k == 0:
         return jnp.zeros_like(valid)
     s = jnp.where(valid, score, -jnp.inf)
-    kth = jax.lax.top_k(s, k)[0][..., -1:]
-    return valid & (s >= kth)
+    return valid & (s >= select.kth_largest_threshold(s, k))
 
 
 def _merge_runs(f, slots: int, sigma):

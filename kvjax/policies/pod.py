@@ -226,14 +226,33 @@ class POD(ScorerPolicy):
         if mass is not None:  # mass over (slots, ring, chunk): the ring's goes first, for the ring's vote
             ring_mass = jnp.concatenate([mass[..., c : c + r], mass[..., :c], mass[..., c + r :]], -1)
             mass = jnp.concatenate([mass[..., :c], mass[..., c + r :]], -1)
-        cand = Candidates.of(lc, k_rot, v, step, mass, group=q.shape[2] // lc.k.shape[1], attended=out)
+        cand = Candidates.of(lc, k_rot, v, step, mass, group=q.shape[2] // lc.k.shape[1], written_after=out)
         protected = self.protected(cand.pos, cand.valid, step)
-        every = cand.fields(cand.score)
-        ring = self.ring.update(self, cache.state, layer, every["k"], every["v"], cand.pos, cand.valid & ~protected, ring_mass, step)
+        leaving = cand.valid & ~protected
+        if k.shape[1] == 1:  # decode: at most the oldest window token leaves; hand the ring only that one
+            k_out, v_out, pos_out, out_ok = self._leaving_one(lc, cand, leaving)
+            ring = self.ring.update(self, cache.state, layer, k_out, v_out, pos_out, out_ok, None, step)
+            cand = cand._replace(written_after=(k_out, v_out))  # its slot is written after it was read
+        else:
+            every = cand.fields(cand.score)
+            ring = self.ring.update(self, cache.state, layer, every["k"], every["v"], cand.pos, leaving, ring_mass, step)
         score = self.score(cand, step, layer)  # none: the proximal window keeps the newest
         rank = select.rank(score, cand.valid, protected)
         lc = select.keep_best(lc, cand, score, rank, step)
         return out, cache.replace_layer(layer, lc).replace_state(layer, ring)
+
+    @staticmethod
+    def _leaving_one(lc, cand: Candidates, leaving):
+        """k, v [B, H, 1, D], pos and leaving [B, H, 1] of the first leaving candidate (at most one does
+        in a decode step: the window moves by one token). Its index is ordered after the attention
+        output (`kvjax.select.after`), so the ring's scatter can write in place."""
+        c = lc.slots
+        first = select.after(jnp.argmax(leaving, -1), cand.written_after, c)[..., None]  # [B, H, 1]
+        at = lambda x: jnp.take_along_axis(x, first, -1)  # noqa: E731
+        slot = jnp.minimum(first, c - 1)
+        kv = {name: jnp.where(select.trailing(first == c, new), new, select.gather(getattr(lc, name), slot))
+              for name, new in (("k", cand.k_new), ("v", cand.v_new))}
+        return kv["k"], kv["v"], at(cand.pos), at(leaving)
 
 
 def train_attention(

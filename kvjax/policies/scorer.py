@@ -40,6 +40,8 @@ class Candidates(NamedTuple):
     k_cache, v_cache: [B, H, C, D] the slots as stored (k_scale, v_scale [B, H, C] if narrow);
     k_new, v_new: [B, H, S, D] the chunk in the model's dtype, keys as they will be stored.
     group: query heads per KV head.
+    written_after: what every in-place slot write is ordered after (`kvjax.select.after`): the chunk's
+    attention output [B, S, Hq, D], and anything else read from the slots before they are written.
     fmt: the slots' `kvjax.quant.SlotFormat` when they are stored narrow (the chunk is
     quantized as it is written), else None.
     """
@@ -53,13 +55,13 @@ class Candidates(NamedTuple):
     k_new: Float[Array, "B H S D"]
     v_new: Float[Array, "B H S D"]
     group: int
-    attended: Float[Array, "B S Hq D"]
+    written_after: Array
     k_scale: Float[Array, "B H C"] | None = None
     v_scale: Float[Array, "B H C"] | None = None
     fmt: SlotFormat | None = None
 
     @classmethod
-    def of(cls, lc: LayerCache, k_new, v_new, step: Step, mass, group: int, attended, fmt: SlotFormat | None = None) -> Candidates:
+    def of(cls, lc: LayerCache, k_new, v_new, step: Step, mass, group: int, written_after, fmt: SlotFormat | None = None) -> Candidates:
         """Candidates of `lc` and a chunk given as [B, S, H, D] keys (as stored) and values."""
         b, s, h, _ = k_new.shape
         return cls(
@@ -69,7 +71,7 @@ class Candidates(NamedTuple):
             valid=jnp.concatenate([lc.valid, jnp.broadcast_to(step.new_valid[:, None, :], (b, h, s))], -1),
             k_cache=lc.k, v_cache=lc.v,
             k_new=k_new.transpose(0, 2, 1, 3), v_new=v_new.transpose(0, 2, 1, 3),
-            group=group, attended=attended, k_scale=lc.k_scale, v_scale=lc.v_scale, fmt=fmt,
+            group=group, written_after=written_after, k_scale=lc.k_scale, v_scale=lc.v_scale, fmt=fmt,
         )
 
     @property
@@ -126,7 +128,7 @@ def at_original_positions(attn: LayerAttention, lc: LayerCache, q, k, step: Step
 def at_cache_positions(attn: LayerAttention, lc: LayerCache, q, k, step: Step):
     """StreamingLLM's convention: keys stored before RoPE, rotated at their rank among the
     cached tokens (ordered by position); the chunk follows the last cached token."""
-    rank = jnp.argsort(select.position_order(lc.pos, lc.valid), axis=-1)
+    rank = select.inverse(select.position_order(lc.pos, lc.valid))
     n_cached = lc.valid[:, 0].sum(-1, keepdims=True)  # every head holds as many tokens
     chunk_at = (n_cached + jnp.cumsum(step.new_valid, axis=-1) - 1).astype(jnp.int32)[:, :, None]
     return attn.rope(q, chunk_at), attn.rope(k, chunk_at), k, attn.rope(lc.k, rank)
@@ -190,7 +192,7 @@ class ScorerPolicy(Policy):
         q, k_rot, k_store, k_cached = rotate(attn, lc, q, k, step)
         out, mass = attn(q, k_cached, lc.v, lc.valid, k_rot, v, step, stat_weights=self.stat_weights(step), cache_pos=lc.pos,
                          k_scale=lc.k_scale, v_scale=lc.v_scale)
-        cand = Candidates.of(lc, k_store, v, step, mass, group=q.shape[2] // lc.k.shape[1], attended=out, fmt=fmt)
+        cand = Candidates.of(lc, k_store, v, step, mass, group=q.shape[2] // lc.k.shape[1], written_after=out, fmt=fmt)
         score = self.score(cand, step, layer).astype(jnp.float32)
         rank = select.rank(score, cand.valid, self.protected(cand.pos, cand.valid, step))
         return out, cache.replace_layer(layer, self.keep(lc, cand, score, rank, step))
