@@ -208,7 +208,12 @@ class POD(ScorerPolicy):
                 seen.append(mine.valid[:, h])
                 continue
             # the owner ran first in this step: find each of our tokens in its ring (evicted ones are gone)
-            match = (mine.pos[:, h, :, None] == distant[o].pos[:, h, None, :]) & distant[o].valid[:, h, None, :]
+            theirs = distant[o]
+            if isinstance(self.ring, NewestRing):  # a token sits at slot pos mod R in every ring: the same slot or gone
+                keys.append(owner_k)
+                seen.append(mine.valid[:, h] & theirs.valid[:, h] & (theirs.pos[:, h] == mine.pos[:, h]))
+                continue
+            match = (mine.pos[:, h, :, None] == theirs.pos[:, h, None, :]) & theirs.valid[:, h, None, :]
             keys.append(select.gather(owner_k, jnp.argmax(match, -1), axis=1))
             seen.append(mine.valid[:, h] & match.any(-1))
         return jnp.stack(keys, 1), mine.v, jnp.stack(seen, 1), mine.pos
