@@ -77,7 +77,8 @@ class BCT(MergingPolicy):
                                          gather(cache[name], jnp.minimum(i, c - 1)[..., None])[:, :, 0])
         victim = jnp.argmax(jnp.where(movable, pos, -1), -1)  # the newest movable token
         vk = pick("k", victim)[:, :, None]
-        sim = jnp.concatenate([cosine(vk, cache["k"]), cosine(vk, tok["k"][:, :, None])], -1)
+        keys = cache["k"] if written_after is None else select.not_before(cache["k"], written_after)  # layer by layer
+        sim = jnp.concatenate([cosine(vk, keys), cosine(vk, tok["k"][:, :, None])], -1)
         others = movable & (jnp.arange(c + 1) != victim[..., None])
         target = jnp.argmax(jnp.where(others, sim, -jnp.inf), -1)
         n_t, n_v = pick("score", target), pick("score", victim)

@@ -108,7 +108,7 @@ class KVMerger(MergingPolicy):
         valid, pos = cand.valid, cand.pos
         protected = self.protected_sets(pos, valid, score, step)
         new = {name: x[:, :, 0] for name, x in cand.new_as_stored().items()}
-        order = select.position_order(pos, valid)  # [B, H, C+1]
+        order = select.not_before(select.position_order(pos, valid), cand.written_after)  # [B, H, C+1]; layer by layer
         pick = lambda x, x_new, i: jnp.where(select.trailing(i == c, x_new), x_new, select.gather(x, jnp.minimum(i, c - 1)))  # noqa: E731
         k_sorted = pick(lc.k, new["k"][:, :, None], order)
         sim = cosine(k_sorted[:, :, :-1], k_sorted[:, :, 1:])

@@ -30,7 +30,8 @@ capacity the ring must drop some. Non-owner layers run after their owner, so
 in the step the owner drops a token they no longer see it either (one step
 early). `train_attention` is the full-sequence path for post-training.
 Cost: attention reads the slots and the ring joined into one buffer, a copy of
-both per step that a kernel reading the two in place would avoid.
+both per step that a kernel reading the two in place would avoid. A decode step
+hands the ring only the token leaving the window, and both writes land in place.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ class POD(ScorerPolicy):
         sinks + window in the slots; tokens leaving the window may enter the ring."""
         lc = cache.layers[layer]
         q, k_rot, _, _ = at_original_positions(attn, lc, q, k, step)
-        dk, dv, dvalid, dpos = self.distant_view(cache.state, layer)
+        dk, dv, dvalid, dpos = select.not_before(self.distant_view(cache.state, layer), q)  # joined per layer, in turn
         c, r = lc.slots, dk.shape[2]
         out, mass = attn(q, jnp.concatenate([lc.k, dk], 2), jnp.concatenate([lc.v, dv], 2), jnp.concatenate([lc.valid, dvalid], 2),
                          k_rot, v, step, stat_weights=self.ring.stat_weights(step), cache_pos=jnp.concatenate([lc.pos, dpos], 2))
