@@ -102,6 +102,13 @@ def gather(fields, index: Int[Array, "B H K"], axis: int = 2):
     return jax.tree.map(lambda x: jnp.take_along_axis(x, trailing(index, x), axis=axis), fields)
 
 
+def candidates_at(slots: Array, token: Array, index: Int[Array, "B H K"]) -> Array:
+    """Candidates `index` of (the C `slots` [B, H, C, ...], then the new `token` [B, H, 1, ...] at
+    index C), read without joining the two: [B, H, K, ...]."""
+    c = slots.shape[2]
+    return jnp.where(trailing(index == c, token), token, gather(slots, jnp.minimum(index, c - 1)))
+
+
 def keep_best(lc: LayerCache, cand, score: Float[Array, "B H N"], rank_: Float[Array, "B H N"], step) -> LayerCache:
     """The layer after keeping its best-ranked candidates (`kvjax.policies.scorer.Candidates`).
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from kvjax.policies.merging import MergingPolicy, cosine
 from kvjax import select
-from kvjax.select import gather, write_slot
+from kvjax.select import write_slot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +73,7 @@ class BCT(MergingPolicy):
         pos = jnp.concatenate([cache["pos"], tok["pos"][..., None]], -1)  # the C slots, then the token
         valid = jnp.concatenate([cache["valid"], tok["valid"][..., None]], -1)
         movable = valid & (pos >= self.sinks) & (pos <= tok["pos"][..., None] - self.window)  # outside the recent window
-        pick = lambda name, i: jnp.where(select.trailing(i == c, tok[name]), tok[name],  # noqa: E731
-                                         gather(cache[name], jnp.minimum(i, c - 1)[..., None])[:, :, 0])
+        pick = lambda name, i: select.candidates_at(cache[name], tok[name][:, :, None], i[..., None])[:, :, 0]  # noqa: E731
         victim = jnp.argmax(jnp.where(movable, pos, -1), -1)  # the newest movable token
         vk = pick("k", victim)[:, :, None]
         keys = cache["k"] if written_after is None else select.not_before(cache["k"], written_after)  # layer by layer

@@ -109,15 +109,14 @@ class KVMerger(MergingPolicy):
         protected = self.protected_sets(pos, valid, score, step)
         new = {name: x[:, :, 0] for name, x in cand.new_as_stored().items()}
         order = select.not_before(select.position_order(pos, valid), cand.written_after)  # [B, H, C+1]; layer by layer
-        pick = lambda x, x_new, i: jnp.where(select.trailing(i == c, x_new), x_new, select.gather(x, jnp.minimum(i, c - 1)))  # noqa: E731
-        k_sorted = pick(lc.k, new["k"][:, :, None], order)
+        k_sorted = select.candidates_at(lc.k, new["k"][:, :, None], order)
         sim = cosine(k_sorted[:, :, :-1], k_sorted[:, :, 1:])
         free = jnp.take_along_axis(valid & ~protected, order, -1)
         eligible = free[..., :-1] & free[..., 1:]
         first = jnp.argmax(jnp.where(eligible, sim, -jnp.inf), -1)[..., None]  # the most similar, the earliest among ties
         join = (valid.sum(-1) > c) & eligible.any(-1)
         pair = jnp.take_along_axis(order, jnp.concatenate([first, first + 1], -1), -1)  # [B, H, 2], by position
-        merged = _merge_pair({name: pick(getattr(lc, name), new[name][:, :, None], pair) for name in ("k", "v")},
+        merged = _merge_pair({name: select.candidates_at(getattr(lc, name), new[name][:, :, None], pair) for name in ("k", "v")},
                              jnp.take_along_axis(score, pair, -1), self.sigma)
         merged.update(pos=jnp.take_along_axis(pos, jnp.take_along_axis(pair, merged.pop("pivot")[..., None], -1), -1)[..., 0],
                       valid=jnp.ones_like(join))

@@ -255,10 +255,8 @@ class POD(ScorerPolicy):
         c = lc.slots
         first = select.after(jnp.argmax(leaving, -1), cand.written_after, c)[..., None]  # [B, H, 1]
         at = lambda x: jnp.take_along_axis(x, first, -1)  # noqa: E731
-        slot = jnp.minimum(first, c - 1)
-        kv = {name: jnp.where(select.trailing(first == c, new), new, select.gather(getattr(lc, name), slot))
-              for name, new in (("k", cand.k_new), ("v", cand.v_new))}
-        return kv["k"], kv["v"], at(cand.pos), at(leaving)
+        return (select.candidates_at(lc.k, cand.k_new, first), select.candidates_at(lc.v, cand.v_new, first),
+                at(cand.pos), at(leaving))
 
 
 def train_attention(
