@@ -22,9 +22,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kvjax.policies.merging import MergingPolicy, cosine
 from kvjax import select
-from kvjax.select import write_slot
+from kvjax.policies.merging import MergingPolicy, cosine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,4 +91,4 @@ class BCT(MergingPolicy):
         targets = jnp.stack([to_new, to_merge], -1)
         if written_after is not None:
             targets = select.after(targets, written_after, c)
-        return {n: write_slot(x, targets, jnp.stack([tok[n], merged[n]], 2)) for n, x in cache.items()}
+        return {n: select.write_slot(x, targets, jnp.stack([tok[n], merged[n]], 2)) for n, x in cache.items()}

@@ -118,8 +118,8 @@ class KVMerger(MergingPolicy):
         pair = jnp.take_along_axis(order, jnp.concatenate([first, first + 1], -1), -1)  # [B, H, 2], by position
         merged = _merge_pair({name: select.candidates_at(getattr(lc, name), new[name][:, :, None], pair) for name in ("k", "v")},
                              jnp.take_along_axis(score, pair, -1), self.sigma)
-        merged.update(pos=jnp.take_along_axis(pos, jnp.take_along_axis(pair, merged.pop("pivot")[..., None], -1), -1)[..., 0],
-                      valid=jnp.ones_like(join))
+        pivot = jnp.take_along_axis(pair, merged.pop("pivot")[..., None], -1)  # [B, H, 1]: the candidate whose position the set keeps
+        merged.update(pos=jnp.take_along_axis(pos, pivot, -1)[..., 0], valid=jnp.ones_like(join))
         token = dict(new, pos=pos[..., c], valid=valid[..., c], score=score[..., c])
         evict = select.evict_index(select.rank(score, valid, protected), pos)  # c: the token itself
         to_new = jnp.where(token["valid"], jnp.where(join, pair.max(-1), evict), c)  # c: no write; pair.max() == c: it joined
