@@ -93,3 +93,32 @@ def test_kth_largest_threshold_is_top_k(k):
     x = rng.normal(size=(3, 40)).astype(np.float32)
     x[0, :5], x[1, :3], x[1, 3], x[2, :20] = -np.inf, 0.0, -0.0, 1.5  # infinities, signed zeros, ties
     np.testing.assert_array_equal(select.kth_largest_threshold(jnp.asarray(x), k), np.sort(x, -1)[:, 40 - k :][:, :1])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_full_cache_fills_its_slots_in_order_keeping_what_keep_best_keeps(chunk):
+    """`Full.keep` writes a chunk into the next free slots without sorting. After every chunk it must
+    hold the tokens the scorer tier's general `keep_best` (sort and gather) holds, with the same keys
+    and values, packed in order at the front (padding on both sides and a hole in a row)."""
+    from kvjax.policies.full import Full
+    from kvjax.policies.scorer import ScorerPolicy
+
+    class SortingFull(Full):
+        keep = ScorerPolicy.keep
+
+    t, slots = 24, 26
+    valid = np.zeros((2, t), bool)
+    valid[0, :17] = True
+    valid[1, 5:] = True
+    valid[1, 11:13] = False
+    q, k, v = random_qkv(7, batch=2, length=t)
+    (out, _, history), (ref_out, _, ref_history) = (
+        run_layers(p(capacity=slots), q, k, v, jnp.asarray(valid), jax.random.key(0), chunk=chunk) for p in (Full, SortingFull))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-6)  # slots in another order
+    got, want = (jax.tree.map(np.asarray, h.layers[0]) for h in (history, ref_history))
+    for i in np.ndindex(got.valid.shape[:3]):  # (chunk, row, KV head)
+        by_pos = lambda lc: {int(p): (lc.k[i][s].tolist(), lc.v[i][s].tolist()) for s, p in enumerate(lc.pos[i]) if lc.valid[i][s]}  # noqa: E731
+        assert by_pos(got) == by_pos(want)
+        n = got.valid[i].sum()
+        np.testing.assert_array_equal(got.valid[i], np.arange(slots) < n)
+        np.testing.assert_array_equal(np.diff(got.pos[i][:n]) > 0, True)  # in position order
