@@ -55,10 +55,10 @@ def _prefilled(model: CachedDecoder, tokens, policy_for, chunk_size: int, impl: 
     """The cache after a chunked prefill of `tokens` with `policy_for(padded length)` (attention by `impl`),
     on the model's mesh when its weights are sharded."""
     padded, valid = pad_to_chunks(tokens, jnp.ones(tokens.shape, bool), chunk_size)
-    cache, padded, valid = on_model_mesh(model, model.cache_spec().init(policy_for(padded.shape[1]), tokens.shape[0]), padded, valid)
     graphdef, state = nnx.split(model)
+    cache, padded, valid = on_model_mesh(state, model.cache_spec().init(policy_for(padded.shape[1]), tokens.shape[0]), padded, valid)
     run = jax.jit(lambda st, c, x, m: prefill(nnx.merge(graphdef, st), x, m, c, jax.random.key(0), chunk_size=chunk_size, impl=impl))
-    with mesh_context(model):
+    with mesh_context(state):
         return run(state, cache, padded, valid)[1]
 
 

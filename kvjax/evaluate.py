@@ -60,9 +60,9 @@ def stream_nll(
         layer_policy.check_length(int(real.sum(-1).max()), what="the text's length")
     padded, valid = pad_to_chunks(jnp.asarray(ids), jnp.asarray(real), chunk_size)
     targets, _ = pad_to_chunks(jnp.asarray(targets), valid[:, :t], chunk_size)
-    cache, padded, valid, targets = on_model_mesh(model, cache, padded, valid, targets)
     graphdef, state = nnx.split(model)
-    with mesh_context(model):
+    cache, padded, valid, targets = on_model_mesh(state, cache, padded, valid, targets)
+    with mesh_context(state):
         nll, cache = _stream_nll(graphdef, state, padded, valid, targets, prng_key(key, needed=False, what=""), cache,
                                  chunk_size=chunk_size, impl=impl)
     nll = jnp.where(jnp.asarray(scored), nll[:, :t], jnp.nan)[:, : t - 1]
@@ -123,9 +123,9 @@ def answer(
     cache = model.cache_spec().init(policy, ctx.shape[0])
     for layer_policy in cache.policies:
         layer_policy.check_length(int(ctx_real.sum(-1).max()), what="the context")
-    cache, tokens, valid = on_model_mesh(model, cache, jnp.asarray(ctx), jnp.asarray(ctx_real))
     graphdef, state = nnx.split(model)
-    with mesh_context(model):
+    cache, tokens, valid = on_model_mesh(state, cache, jnp.asarray(ctx), jnp.asarray(ctx_real))
+    with mesh_context(state):
         cache = _compress_once(graphdef, state, tokens, valid, cache, jax.random.key(0), impl=impl)
     cache = cache.with_room(int(qst_real.sum(-1).max()) + max_new_tokens)
     return generate(model, [q[r].tolist() for q, r in zip(qst, qst_real)], cache=cache, max_new_tokens=max_new_tokens,

@@ -67,9 +67,10 @@ def bucket(n: int) -> int:
 
 
 class _Request:
-    """A checked call: prompt ids and mask (chunk-padded), the cache it goes into, the key, the stops."""
+    """A checked call: prompt ids and mask (chunk-padded), the cache it goes into (on the mesh of the
+    model's weights, `state`), the key, the stops."""
 
-    def __init__(self, model, prompt, *, policy, cache, max_new_tokens, prompt_lengths, prompt_mask, sampler,
+    def __init__(self, model, state, prompt, *, policy, cache, max_new_tokens, prompt_lengths, prompt_mask, sampler,
                  stop_tokens, key, chunk_size, pad_id, kv_dtype=None):
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -88,7 +89,7 @@ class _Request:
             layer_policy.check_length(seen + int(mask.sum(-1).max()) + max_new_tokens,
                                       "tokens seen + prompt + max_new_tokens" if seen else "prompt + max_new_tokens")
         self.tokens, self.valid = pad_to_chunks(jnp.asarray(ids), jnp.asarray(mask), chunk_size, pad_id)
-        self.cache, self.tokens, self.valid = on_model_mesh(model, self.cache, self.tokens, self.valid)
+        self.cache, self.tokens, self.valid = on_model_mesh(state, self.cache, self.tokens, self.valid)
 
 
 def _cache_for(model, policy, cache, batch: int, kv_dtype: str | None = None) -> KVCache:
@@ -144,11 +145,11 @@ def generate(
     (`pad_id` after a row stopped), `lengths` [B] how many each row generated
     (its stop token included), `cache` the final cache.
     """
-    req = _Request(model, prompt, policy=policy, cache=cache, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths,
+    graphdef, state = nnx.split(model)
+    req = _Request(model, state, prompt, policy=policy, cache=cache, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths,
                    prompt_mask=prompt_mask, sampler=sampler, stop_tokens=stop_tokens, key=key, chunk_size=chunk_size, pad_id=pad_id,
                    kv_dtype=kv_dtype)
-    graphdef, state = nnx.split(model)
-    with mesh_context(model):
+    with mesh_context(state):
         out = _generate(
             graphdef, state, req.tokens, req.valid, req.cache, req.key, jnp.int32(max_new_tokens),
             sampler=sampler, stop_tokens=req.stop_tokens, steps=bucket(max_new_tokens), chunk_size=chunk_size, pad_id=pad_id, impl=impl,
@@ -226,7 +227,7 @@ class Stream:
         graphdef, params = nnx.split(self.model)
         while self.produced < self.max_new_tokens and not bool(np.asarray(self.state.done).all()):
             n = min(self.settings["steps"], self.max_new_tokens - self.produced)
-            with mesh_context(self.model):
+            with mesh_context(params):
                 tokens, _, self.state = _decode_jit(graphdef, params, self.state, jnp.int32(n), **self.settings)
             self.produced += n
             yield np.asarray(tokens[:, :n])
@@ -277,11 +278,11 @@ def stream(
 ) -> Stream:
     """`generate`, yielding tokens `block` at a time as they are produced (the same tokens
     for the same key); arguments as `generate`'s."""
-    req = _Request(model, prompt, policy=policy, cache=cache, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths,
+    graphdef, state = nnx.split(model)
+    req = _Request(model, state, prompt, policy=policy, cache=cache, max_new_tokens=max_new_tokens, prompt_lengths=prompt_lengths,
                    prompt_mask=prompt_mask, sampler=sampler, stop_tokens=stop_tokens, key=key, chunk_size=chunk_size, pad_id=pad_id,
                    kv_dtype=kv_dtype)
-    graphdef, state = nnx.split(model)
-    with mesh_context(model):
+    with mesh_context(state):
         start = _start_jit(graphdef, state, req.tokens, req.valid, req.cache, req.key, chunk_size=chunk_size, impl=impl)
     return Stream(model, start, max_new_tokens=max_new_tokens, block=block, sampler=sampler,
                   stop_tokens=req.stop_tokens, pad_id=pad_id, impl=impl)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Float, Int
@@ -29,13 +31,20 @@ class CacheSpec:
         each layer's slots and state as its policy says, and the per-layer policies it carries."""
         layers = resolve(policy, self)
         policy.check_batch(batch)
-        cache = init_cache(
-            slots=tuple(p.slots for p in layers), num_layers=self.num_layers, batch=batch,
-            kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=jnp.dtype(self.dtype),
-            formats=tuple(p.kv_format for p in layers),
-        )
-        state = tuple(p.init_state(self, layer, batch) for layer, p in enumerate(layers))
-        return cache.replace(state=state, policies=layers)
+        return _empty_cache(self, layers, batch)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _empty_cache(spec: CacheSpec, layers: tuple[Policy, ...], batch: int) -> KVCache:
+    """`CacheSpec.init` after its checks, as one compiled program: made one by one, SmolLM2's
+    30 layers of buffers were 300 dispatches, about 25 ms of every `generate` call."""
+    cache = init_cache(
+        slots=tuple(p.slots for p in layers), num_layers=spec.num_layers, batch=batch,
+        kv_heads=spec.kv_heads, head_dim=spec.head_dim, dtype=jnp.dtype(spec.dtype),
+        formats=tuple(p.kv_format for p in layers),
+    )
+    state = tuple(p.init_state(spec, layer, batch) for layer, p in enumerate(layers))
+    return cache.replace(state=state, policies=layers)
 
 
 class CachedDecoder(Protocol):
