@@ -47,17 +47,25 @@ PEER_PIP = 'pip install -e ".[real,peer]"'
 PRESSES = {"snapkv": "SnapKVPress", "streaming_llm": "StreamingLLMPress", "knorm": "KnormPress", "tova": "TOVAPress"}
 
 
-def median_time(fn, repeats: int):
-    """fn() returns (prefill seconds, decode seconds, tokens); the medians over `repeats` calls after a warm-up
-    call (compilation), and the last call's tokens."""
-    fn()
-    runs = [fn() for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), runs[-1][2]
+def interleaved(ours_run, peer_run, new_tokens: int, repeats: int) -> tuple[dict, dict]:
+    """Each side's run() returns (prefill seconds, decode seconds, tokens). After one warm-up call each
+    (compilation), the two sides take turns, `repeats` calls each, so a slow spell of this shared
+    machine falls on both; per side the median prefill time, the median time per decoded token and
+    the last call's tokens."""
+    runs = {"ours": ours_run, "peer": peer_run}
+    for run in runs.values():
+        run()
+    times = {side: [] for side in runs}
+    for _ in range(repeats):
+        for side, run in runs.items():
+            times[side].append(run())
+    return tuple(dict(prefill_s=statistics.median(r[0] for r in times[side]),
+                      step_s=statistics.median(r[1] for r in times[side]) / new_tokens, tokens=times[side][-1][2]) for side in runs)
 
 
-def ours(model, ids: np.ndarray, name: str, capacity: int, new_tokens: int, chunk_size: int, repeats: int) -> dict:
-    """kvjax: `kvjax.stream` prefills when called (timed to the first logits), then one block of `new_tokens`
-    decode steps is one compiled program (timed per token)."""
+def ours(model, ids: np.ndarray, name: str, capacity: int, new_tokens: int, chunk_size: int):
+    """kvjax's run: `kvjax.stream` prefills when called (timed to the first logits), then one block of
+    `new_tokens` decode steps is one compiled program."""
     policy = kvjax.policies.make(name, capacity=ids.shape[1] + new_tokens if name == "full" else capacity)
 
     def run():
@@ -68,8 +76,7 @@ def ours(model, ids: np.ndarray, name: str, capacity: int, new_tokens: int, chun
         tokens = next(iter(stream))
         return prefilled - start, time.perf_counter() - prefilled, tokens[0].tolist()
 
-    prefill_s, decode_s, tokens = median_time(run, repeats)
-    return dict(prefill_s=prefill_s, step_s=decode_s / new_tokens, tokens=tokens)
+    return run
 
 
 def load_peer(gguf):
@@ -86,8 +93,8 @@ def load_peer(gguf):
     return model.eval(), kvpress, torch, transformers
 
 
-def peer(peer_side, ids: np.ndarray, name: str, capacity: int, new_tokens: int, repeats: int) -> dict:
-    """transformers + kvpress, as kvpress's own pipeline decodes: prefill the context under the press
+def peer(peer_side, ids: np.ndarray, name: str, capacity: int, new_tokens: int):
+    """The peer's run, transformers + kvpress as kvpress's own pipeline decodes: prefill the context under the press
     (compressed once at its end), then greedy steps with explicit positions (the cache may be shorter than
     the context). As on kvjax's side, a step feeds one token and yields the next."""
     model, kvpress, torch, transformers = peer_side
@@ -109,8 +116,7 @@ def peer(peer_side, ids: np.ndarray, name: str, capacity: int, new_tokens: int, 
             tokens.append(logits[:, -1].argmax(-1))
         return prefilled - start, time.perf_counter() - prefilled, torch.cat(tokens[:new_tokens]).tolist()
 
-    prefill_s, decode_s, tokens = median_time(run, repeats)
-    return dict(prefill_s=prefill_s, step_s=decode_s / new_tokens, tokens=tokens)
+    return run
 
 
 def main(argv=None):
@@ -122,7 +128,7 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=int, default=256, help="kvjax's prefill chunk")
     parser.add_argument("--policies", nargs="+", default=["full", "snapkv", "streaming_llm", "knorm"],
                         choices=["full", *PRESSES])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="results/bench_peer.json")
     args = parser.parse_args(argv)
     if args.new_tokens < 1:
@@ -138,8 +144,8 @@ def main(argv=None):
 
     rows = []
     for name in args.policies:
-        a = ours(model, ids, name, args.capacity, args.new_tokens, args.chunk_size, args.repeats)
-        b = peer(peer_side, ids, name, args.capacity, args.new_tokens, args.repeats)
+        a, b = interleaved(ours(model, ids, name, args.capacity, args.new_tokens, args.chunk_size),
+                           peer(peer_side, ids, name, args.capacity, args.new_tokens), args.new_tokens, args.repeats)
         agree = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), len(a["tokens"]))
         rows.append(dict(policy=name, capacity=args.context + args.new_tokens if name == "full" else args.capacity,
                          prefill_ms=1e3 * a["prefill_s"], peer_prefill_ms=1e3 * b["prefill_s"],
