@@ -4,8 +4,8 @@ Both sides load the same GGUF file (kvjax through `models.load`, transformers
 through `from_pretrained(folder, gguf_file=...)`; both dequantize to float32),
 take the same token ids (the start of Paul Graham's "What I Worked On"), and
 decode greedily. Reported per cache: prefill time of the context and time per
-decoded token, kvjax's and the peer's, and peer / kvjax (above 1: kvjax is
-faster). With the full cache both sides must produce the same greedy tokens
+decoded token, kvjax's and the peer's (medians of calls the two sides take in
+turns), and peer / kvjax (above 1: kvjax is faster). With the full cache both sides must produce the same greedy tokens
 (float32 on both; a tie broken differently late in the run is reported, not hidden).
 
 The two sides compress under different protocols, named here so the numbers
