@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import kvjax
 from kvjax import select
-from tests.helpers import random_qkv, run_layers
+from tests.helpers import ROPE, random_qkv, run_layers
 
 
 @settings(max_examples=40)
@@ -122,3 +122,26 @@ def test_full_cache_fills_its_slots_in_order_keeping_what_keep_best_keeps(chunk)
         n = got.valid[i].sum()
         np.testing.assert_array_equal(got.valid[i], np.arange(slots) < n)
         np.testing.assert_array_equal(np.diff(got.pos[i][:n]) > 0, True)  # in position order
+
+
+def test_full_cache_fills_the_holes_of_a_cache_handed_over_first():
+    """A cache whose slots the caller masked (the kvpress protocol's reference does) keeps every valid
+    slot; the next chunk's tokens take the free slots lowest first, then a decode token the next."""
+    from kvjax.policies.full import Full
+    from kvjax.run import make_step
+
+    q, k, v = (jnp.asarray(x[0]) for x in random_qkv(3, length=9))  # [1, 9, heads, D]
+    cache = kvjax.CacheSpec(num_layers=1, kv_heads=k.shape[2], head_dim=k.shape[3]).init(Full(capacity=8), 1)
+
+    def feed(cache, first, end):
+        step = make_step(cache, jnp.ones((1, end - first), bool), jax.random.key(0), prefill=end - first > 1)
+        _, cache = kvjax.attend(cache, 0, q[:, first:end], k[:, first:end], v[:, first:end], step=step, rope=ROPE, scale=0.5)
+        return cache.replace(seen=step.seen_after)
+
+    cache = feed(cache, 0, 5)
+    lc = cache.layers[0]
+    cache = cache.replace_layer(0, lc.replace(valid=lc.valid.at[..., jnp.array([1, 3])].set(False)))
+    cache = feed(feed(cache, 5, 8), 8, 9)
+    lc = jax.tree.map(np.asarray, cache.layers[0])
+    np.testing.assert_array_equal(lc.valid, np.broadcast_to(np.arange(8) < 7, lc.valid.shape))
+    np.testing.assert_array_equal(lc.pos[0, :, :7], np.broadcast_to([0, 5, 2, 6, 4, 7, 8], (lc.pos.shape[1], 7)))
