@@ -12,6 +12,13 @@ import dataclasses
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from kvjax.select import unfused
+
+# Rotations of at least this many positions take their cos and sin tables in buffers of their own
+# (`select.unfused`) when they rotate several heads per position; for fewer (a decode step's
+# token) the conditional costs more than evaluating the tables once per head.
+TABLES_MIN_POSITIONS = 64
+
 
 @dataclasses.dataclass(frozen=True)
 class Llama3Scaling:
@@ -55,7 +62,9 @@ class Rope:
     def __call__(self, x: Float[Array, "*lead D"], positions: Int[Array, "*lead"]) -> Float[Array, "*lead D"]:
         """Rotate `x` at `positions` (same leading shape); computed in f32, returned in x.dtype."""
         angles = positions[..., None].astype(jnp.float32) * self.inv_freq(x.shape[-1])
-        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        tables = lambda a: (jnp.cos(a), jnp.sin(a))  # noqa: E731
+        shared = x.size > 2 * angles.size  # a table entry rotates several heads' pairs
+        cos, sin = unfused(tables, angles) if shared and positions.size >= TABLES_MIN_POSITIONS else tables(angles)
         xf = x.astype(jnp.float32)
         if self.interleaved:
             a, b = xf[..., 0::2], xf[..., 1::2]
