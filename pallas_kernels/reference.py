@@ -10,9 +10,12 @@ Two layouts, chosen by the rows a call has (XLA CPU, JAX 0.10.2, measured):
 - a decode step (a few rows per KV head, the logits small beside the keys)
   reads the keys once: logits over the cache and over the chunk are computed
   separately and joined in one softmax, so the cache is never copied into a
-  concatenated buffer, and both products over the cache are written slot-major
-  ([slots, rows], transposed after), about 1.5x faster than row-major at 16k
-  slots and 4 rows per KV head;
+  concatenated buffer. The logits product over the cache is written slot-major
+  ([slots, rows], transposed after; 13-14 against 9-11 GB/s row-major at 4k-16k
+  slots and 3-4 rows per KV head), the output product takes the probabilities
+  row-major as the softmax leaves them (16-19 GB/s, where transposing them back
+  for a slot-major product ran at 10-14): a `full` decode step of the bench
+  model over 64k slots took 18.5 ms instead of 19.2-26.5;
 - a prefill chunk (hundreds of rows, the logits larger than the keys) joins
   the slots it reads and the chunk's keys and values first, so one row-major
   product gives the logits and one the output, with no transpose or join of
@@ -179,11 +182,11 @@ def _rows_attention(q: Float[Array, "B H R D"], token: Int[Array, " R"], k_cache
         [jnp.broadcast_to(cache_mask, (b, h, rows, c)), jnp.broadcast_to(causal[:, None], (b, h, rows, t_len))], axis=-1)
     mask &= new_valid[:, token][:, None, :, None]
     p, inv, lse = _unnormalized_softmax(logits, mask)
-    p_cache = p[..., :c].swapaxes(-1, -2)
+    p_cache = p[..., :c]
     if v_scale is not None:
-        p_cache = p_cache * v_scale[..., None]
+        p_cache = p_cache * v_scale[:, :, None, :]
     v_cache = widened(v_cache, q)
-    out = jnp.einsum("bhcr,bhcd->bhrd", p_cache.astype(v_cache.dtype), v_cache, preferred_element_type=F32)
+    out = jnp.einsum("bhrc,bhcd->bhrd", p_cache.astype(v_cache.dtype), v_cache, preferred_element_type=F32)
     out += jnp.einsum("bhrt,bhtd->bhrd", p[..., c:].astype(v_new.dtype), v_new, preferred_element_type=F32)
     return (out * inv).astype(q.dtype), lse, _mass(p, inv, stat_weights, token)
 
