@@ -2,7 +2,8 @@
 
 A decode step must read every weight and every cache buffer once, so its
 floor is (weight bytes + cache bytes) / read bandwidth, with the bandwidth
-measured in the same run (the faster of a jitted and a NumPy sum over 256 MiB).
+measured in the same rounds as the steps (a jitted sum over 256 MiB takes its
+turn among them; the median of its times).
 For each model, context and batch, the cache a `context`-token prompt leaves
 behind is built directly (random keys and values in the slots the policy
 keeps; a step's cost depends on the slots it reads, not on how they were
@@ -44,6 +45,7 @@ from kvjax.run import forward_chunk
 from models import Llama, LlamaConfig
 
 BENCH_MODEL = LlamaConfig.tiny(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64)
+PROBE_BYTES = 2**28  # what the bandwidth probe sums: 256 MiB, far more than the CPU's caches hold
 POLICIES = ["full", "ring_write", "window", "streaming_llm", "h2o", "tova", "snapkv", "pyramidkv", "knorm",
             "kvmerger", "bct", "pod", "dmc"]
 
@@ -69,22 +71,21 @@ def make_policy(name: str, capacity: int, kv_dtype: str | None = None) -> kvjax.
     return RingWrite(capacity=capacity) if kv_dtype is None else kvjax.policies.Quantized(RingWrite(capacity=capacity), kv_dtype)
 
 
-def read_bandwidth(nbytes: int = 2**28, repeats: int = 10) -> float:
-    """Bytes/s of the faster of a jitted and a NumPy sum over `nbytes` of f32 (the best read rate seen)."""
-    x = np.random.default_rng(0).standard_normal(nbytes // 4, np.float32)
-    xj = jnp.asarray(x)
+def bandwidth_probe(nbytes: int = PROBE_BYTES):
+    """A runner timing one jitted sum over `nbytes` of f32: read bandwidth is `nbytes` over its time.
+    It takes its turn in the round-robin with the decode steps, so the bound each step is held to is
+    measured in the same minutes (this shared machine's read rate moved between 28 and 46 GB/s from
+    one run to the next on 2026-12-08)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(nbytes // 4, np.float32))
     jsum = jax.jit(jnp.sum)
-    jsum(xj).block_until_ready()
+    jsum(x).block_until_ready()
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - start)
-        return min(times)
+    def run() -> float:
+        start = time.perf_counter()
+        jsum(x).block_until_ready()
+        return time.perf_counter() - start
 
-    return nbytes / min(best(lambda: jsum(xj)), best(lambda: x.sum()))
+    return run
 
 
 def weight_bytes(model) -> int:
@@ -151,10 +152,10 @@ def time_round_robin(runners, steps: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def bench_group(model, policies, seen: int, batch: int, capacity: int, steps: int, bandwidth: float,
-                kv_dtypes=(None,)) -> list[dict]:
-    """Every policy (in every slot format) at one (context, batch): step time, bandwidth fraction,
-    policy share and speed-up over full (both against the same format)."""
+def bench_group(model, policies, seen: int, batch: int, capacity: int, steps: int, kv_dtypes=(None,)) -> list[dict]:
+    """Every policy (in every slot format) at one (context, batch): step time, bandwidth fraction
+    (against the read bandwidth probed in the same rounds), policy share and speed-up over full
+    (both against the same format)."""
     rows, runners = [], []
     configs = [(name, kv) for kv in kv_dtypes for name in policies]
     for name, kv in tqdm(configs, desc=f"compile {seen} tokens x {batch}", unit="policy", leave=False):
@@ -163,9 +164,12 @@ def bench_group(model, policies, seen: int, batch: int, capacity: int, steps: in
         rows.append(dict(policy=name, kv_dtype=kv or model.cache_spec().dtype, seen=seen, batch=batch, capacity=policy.capacity,
                          cache_bytes=cache_bytes))
         runners.append(decode_stepper(model, policy, seen, batch))
+    probe = bandwidth_probe()
+    *seconds, probe_seconds = time_round_robin(runners + [probe], steps)
+    bandwidth = PROBE_BYTES / probe_seconds
     weights = weight_bytes(model)
-    for r, seconds in zip(rows, time_round_robin(runners, steps)):
-        r.update(step_ms=1e3 * seconds, bandwidth_fraction=(weights + r["cache_bytes"]) / bandwidth / seconds)
+    for r, t in zip(rows, seconds):
+        r.update(step_ms=1e3 * t, read_bandwidth=bandwidth, bandwidth_fraction=(weights + r["cache_bytes"]) / bandwidth / t)
     by_name = {(r["policy"], r["kv_dtype"]): r for r in rows}
     for r in rows:
         ring, full = by_name.get(("ring_write", r["kv_dtype"])), by_name.get(("full", r["kv_dtype"]))
@@ -191,25 +195,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     model = load_model(args.model)
-    bandwidth = read_bandwidth()
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weight_bytes(model) / 2**20:.1f} MiB")
+    print(f"weights {weight_bytes(model) / 2**20:.1f} MiB")
     rows = []
     for seen in args.contexts:
         for batch in args.batches:
             capacity = args.capacity or min(seen // 4, 1024)
-            rows += bench_group(model, args.policies, seen, batch, capacity, args.steps, bandwidth, args.kv_dtypes)
+            rows += bench_group(model, args.policies, seen, batch, capacity, args.steps, args.kv_dtypes)
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
-    print(f"{'policy':<14} {'slots as':>8} {'seen':>6} {'batch':>5} {'slots':>6} {'cache MiB':>9} {'step ms':>8} {'% bw':>5} {'policy %':>8} {'full/this':>9}")
+    print(f"{'policy':<14} {'slots as':>8} {'seen':>6} {'batch':>5} {'slots':>6} {'cache MiB':>9} {'step ms':>8} {'% bw':>5} {'policy %':>8} {'full/this':>9} {'GB/s':>5}")
     for r in rows:
         share = r.get("policy_share")
         print(f"{r['policy']:<14} {r['kv_dtype']:>8} {r['seen']:>6} {r['batch']:>5} {r['capacity']:>6} {r['cache_bytes'] / 2**20:>9.1f} {r['step_ms']:>8.2f} "
               f"{100 * r['bandwidth_fraction']:>5.0f} {fmt(None if share is None else 100 * share, '>8.0f')} "
-              f"{fmt(r.get('speedup_vs_full'), '>9.2f')}")
+              f"{fmt(r.get('speedup_vs_full'), '>9.2f')} {r['read_bandwidth'] / 1e9:>5.1f}")
     meta = dict(model=args.model, device=str(jax.devices()[0]), machine=platform.machine(), jax=jax.__version__,
-                steps=args.steps, read_bandwidth=bandwidth, weight_bytes=weight_bytes(model))
+                steps=args.steps, weight_bytes=weight_bytes(model))
     write_json(args.out, dict(meta=meta, rows=rows))
     return rows
 
