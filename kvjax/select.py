@@ -191,4 +191,3 @@ def unfused(fn: Callable, *args):
     `fn`, so the predicate (data XLA cannot fold) only keeps the conditional from being inlined."""
     pred = jax.tree.leaves(args)[0].ravel()[0] > 0
     return lax.cond(pred, fn, fn, *args)
-
