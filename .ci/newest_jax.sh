@@ -17,7 +17,7 @@ REPO=$(pwd)
 ROOT=$REPO/build/trixie
 VENV=/opt/newest
 FILES=(tests/test_pallas_kernels.py tests/test_tpu_export.py tests/test_generate.py tests/test_models.py
-       tests/test_train.py tests/test_device_check.py)
+       tests/test_train.py tests/test_device_check.py tests/test_rope.py)
 
 # a registry that answers slowly once should not fail CI: three tries, a pause between them
 retry() { for try in 1 2 3; do "$@" && return 0; echo "failed (try $try of 3): $*" >&2; sleep $((try * 10)); done; return 1; }
