@@ -32,7 +32,7 @@ from flax import nnx
 from kvjax.evaluate import stream_nll
 from kvjax.policies import make
 from kvjax.policies.full import Full
-from kvjax.policies.merging import cosine
+from kvjax.policies.merging import neighbour_cosine
 from kvjax.inputs import token_batch
 from kvjax.protocol import CachedDecoder
 from kvjax.quant import FORMATS
@@ -85,7 +85,7 @@ def merge_profile(model: CachedDecoder, tokens, *, threshold: float = 0.9, chunk
         order = position_order(lc.pos, lc.valid)
         k, pair_ok = gather((lc.k, lc.valid), order)
         pair_ok = pair_ok[..., 1:] & pair_ok[..., :-1]
-        similar = (cosine(k[..., 1:, :], k[..., :-1, :]) > threshold) & pair_ok
+        similar = (neighbour_cosine(k) > threshold) & pair_ok
         fractions.append(float(similar.sum() / pair_ok.sum()))
     return MergeProfile(threshold, tuple(np.round(fractions, 6).tolist()))
 

@@ -256,3 +256,19 @@ def test_merge_profile_measures_neighbour_similarity():
     assert 0 < sum(strict.mergeable) < 3
     plan = kvjax.plan_capacity(model, tokens=64, policy="kvmerger", per_layer=strict.keep, exclude_layers=())
     assert sum(plan.slots) == 3 * 64 and plan.nbytes == plan.init().nbytes
+
+
+def test_neighbour_cosine_matches_float64():
+    """Each row's cosine with the next, against float64; a zero row gives 0 with both neighbours."""
+    from kvjax.policies.merging import neighbour_cosine
+
+    x = np.array(jax.random.normal(jax.random.key(3), (2, 3, 9, 64)), np.float32)
+    x[1, 2, 4] = 0.0
+    ref = x.astype(np.float64)
+    dots = (ref[..., :-1, :] * ref[..., 1:, :]).sum(-1)
+    norms = np.linalg.norm(ref[..., :-1, :], axis=-1) * np.linalg.norm(ref[..., 1:, :], axis=-1)
+    want = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+    got = np.asarray(jax.jit(neighbour_cosine)(x))
+    assert got.shape == (2, 3, 8)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got[1, 2, 3] == 0.0 and got[1, 2, 4] == 0.0

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from kvjax import select
 from kvjax.policies.base import derive_defaults
 from kvjax.policies.h2o import H2O
-from kvjax.policies.merging import MergingPolicy, cosine
+from kvjax.policies.merging import MergingPolicy, neighbour_cosine
 from kvjax.policies.scorer import every_query
 
 
@@ -110,7 +110,7 @@ class KVMerger(MergingPolicy):
         new = {name: x[:, :, 0] for name, x in cand.new_as_stored().items()}
         order = select.not_before(select.position_order(pos, valid), cand.written_after)  # [B, H, C+1]; layer by layer
         k_sorted = select.candidates_at(lc.k, new["k"][:, :, None], order)
-        sim = cosine(k_sorted[:, :, :-1], k_sorted[:, :, 1:])
+        sim = neighbour_cosine(k_sorted)
         free = jnp.take_along_axis(valid & ~protected, order, -1)
         eligible = free[..., :-1] & free[..., 1:]
         first = jnp.argmax(jnp.where(eligible, sim, -jnp.inf), -1)[..., None]  # the most similar, the earliest among ties
@@ -156,7 +156,7 @@ def _merge_runs(f, slots: int, sigma):
     """One (row, head): join the most similar eligible neighbours until `slots` sets remain, merge each set."""
     n = f["valid"].shape[0]
     k32 = f["k"].astype(jnp.float32)
-    sim = cosine(k32[:-1], k32[1:])
+    sim = neighbour_cosine(k32)
     free = f["valid"] & ~f["protected"]
     eligible = free[:-1] & free[1:]
     joins = jnp.maximum(f["valid"].sum() - slots, 0)

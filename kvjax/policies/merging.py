@@ -29,6 +29,17 @@ def cosine(a: Float[Array, "*B D"], b: Float[Array, "*B D"]) -> Float[Array, "*B
     return jnp.where(norm > 0, ((a * b) @ ones) / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
+def neighbour_cosine(x: Float[Array, "*B N D"]) -> Float[Array, "*B M"]:
+    """`cosine(x[..., :-1, :], x[..., 1:, :])` (M = N - 1): each row against the next, every row's norm
+    computed once, so two passes over the rows instead of three (KVMerger scans its keys in position
+    order every decode step)."""
+    x = x.astype(jnp.float32)
+    ones = jnp.ones(x.shape[-1], jnp.float32)
+    length = jnp.sqrt((x * x) @ ones)
+    norm = length[..., :-1] * length[..., 1:]
+    return jnp.where(norm > 0, ((x[..., :-1, :] * x[..., 1:, :]) @ ones) / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class MergingPolicy(ScorerPolicy):
     """Score, then `merge` every candidate into the layer's slots."""
